@@ -1,0 +1,180 @@
+"""Follower: sends one stream to one consumer, from an offset, then live, in bounded memory.
+
+A follower is an IPushProducer registered on its consumer. It reads the
+stream's file by offset while the consumer is not paused; when it has caught
+up it waits for the stream to grow. A caught-up, unpaused follower takes fresh
+chunks straight from the writer; a paused one falls back to the file, so a
+slow consumer costs a file offset, never a buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from loom.store import ABORTED, COMPLETE, LiveStream, StreamHandle
+
+log = Logger()
+
+READ_SIZE = 128 * 1024
+# Bytes sent per reactor turn before yielding, for consumers that never pause.
+TURN_BUDGET = 1024 * 1024
+
+
+class FollowerSink(Protocol):
+    """Where a follower's bytes go (the web layer adapts a request to this)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def end(self) -> None:
+        """The stream ended normally and every byte was written."""
+
+    def cut(self) -> None:
+        """The stream ended any other way: close without a clean end."""
+
+    def registerProducer(self, producer, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+
+@implementer(IPushProducer)
+class Follower:
+    """Send ``handle`` from ``offset`` to ``sink``; stop at ``end`` if given, else follow live."""
+
+    def __init__(
+        self,
+        handle: StreamHandle,
+        sink: FollowerSink,
+        clock,
+        offset: int = 0,
+        end: int | None = None,
+    ):
+        self._handle = handle
+        self._sink = sink
+        self._clock = clock
+        self._offset = offset
+        self._end = end
+        self._live: LiveStream | None = handle.live if end is None else None
+        self._paused = False
+        self._done = False
+        self._scheduled = None
+
+    @property
+    def offset(self) -> int:
+        """Bytes of the stream sent so far."""
+        return self._offset
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def start(self) -> None:
+        self._sink.registerProducer(self, True)
+        if self._live is not None:
+            if self._live.outcome is not None and self._live.outcome not in (
+                COMPLETE,
+                ABORTED,
+            ):
+                self._finish(clean=False)
+                return
+            self._live.subscribe(self)
+        self._pump()
+
+    def stop(self) -> None:
+        """The consumer went away: release everything, write nothing more."""
+        if not self._done:
+            self._done = True
+            self._release()
+
+    # IPushProducer
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self.stop()
+
+    # StreamListener
+
+    def stream_grew(self, stream: LiveStream, start: int, chunk: bytes) -> None:
+        if self._done or self._paused:
+            return
+        if self._offset == start and self._scheduled is None:
+            # Caught up: hand the fresh chunk over without touching the file.
+            self._offset += len(chunk)
+            self._sink.write(chunk)
+        else:
+            self._pump()
+
+    def stream_ended(self, stream: LiveStream) -> None:
+        if self._done:
+            return
+        if stream.outcome in (COMPLETE, ABORTED):
+            # Everything the producer sent is in the file: drain it, then end.
+            self._pump()
+        else:
+            # Interrupted, replaced or deleted: the data is going away now.
+            self._finish(clean=False)
+
+    # internals
+
+    def _limit(self) -> int:
+        return self._end if self._end is not None else self._handle.size
+
+    def _pump(self) -> None:
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        budget = TURN_BUDGET
+        while not self._paused and not self._done:
+            limit = self._limit()
+            if self._offset < limit:
+                if budget <= 0:
+                    self._scheduled = self._clock.callLater(0, self._pump)
+                    return
+                data = self._handle.read(
+                    self._offset, min(READ_SIZE, limit - self._offset)
+                )
+                if not data:
+                    log.error(
+                        "stream {stream_id}: data file ends at {offset}, "
+                        "before the recorded size {size}",
+                        stream_id=self._handle.id,
+                        offset=self._offset,
+                        size=limit,
+                    )
+                    self._finish(clean=False)
+                    return
+                self._offset += len(data)
+                budget -= len(data)
+                self._sink.write(data)
+                continue
+            if self._live is None:
+                self._finish(clean=True)
+            elif self._live.outcome is not None:
+                self._finish(clean=self._live.outcome == COMPLETE)
+            return
+
+    def _release(self) -> None:
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        if self._live is not None:
+            self._live.unsubscribe(self)
+        self._handle.close()
+
+    def _finish(self, clean: bool) -> None:
+        self._done = True
+        self._release()
+        self._sink.unregisterProducer()
+        if clean:
+            self._sink.end()
+        else:
+            self._sink.cut()

@@ -1,0 +1,119 @@
+"""LoomService: the store, the site and the listening endpoints, started and stopped in order."""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from loom.config import Config
+from loom.store import DiskStore, ThreadRunners
+from loom.web.auth import BearerAuth
+from loom.web.resources import LoomApp, Root
+from loom.web.site import LoomSite
+
+log = Logger()
+
+
+def describe_address(address) -> str:
+    """``127.0.0.1:3060``, ``[::1]:3060`` or a socket path, for log lines."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None:
+        return str(getattr(address, "name", address))
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class StartupError(Exception):
+    """Loom cannot start; the message says why in one line."""
+
+
+class LoomService(MultiService):
+    """Runs Loom: reconciles storage, then listens; on stop, interrupts live streams."""
+
+    def __init__(self, config: Config, reactor, store=None, warnings: tuple[str, ...] = ()):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.store = store or DiskStore(
+            config.data_dir,
+            reactor,
+            ThreadRunners(reactor),
+            fsync=config.fsync,
+            fsync_interval=config.fsync_interval,
+        )
+        self.auth = BearerAuth(config.tokens)
+        self.app = LoomApp(
+            self.store,
+            reactor,
+            self.auth,
+            max_metadata_bytes=config.max_metadata_bytes,
+            producer_idle_timeout=config.producer_idle_timeout,
+        )
+        self.site = LoomSite(Root(self.app), reactor, idle_timeout=config.idle_timeout)
+        self.ports: list = []
+        self._warnings = warnings
+
+    def startService(self) -> None:
+        """Reconcile storage, then listen on every endpoint; StartupError if either fails."""
+        for warning in self._warnings:
+            log.warn("config: {warning}", warning=warning)
+        try:
+            self.store.start()
+        except OSError as e:
+            raise StartupError(
+                f"cannot open the data directory {self.config.data_dir}: {e.strerror}"
+            )
+        try:
+            for description in self.config.listen:
+                self.ports.append(self._listen(description))
+        except StartupError:
+            self._stop_listening()
+            Deferred.fromCoroutine(self.store.stop())
+            raise
+        super().startService()
+        if self.auth.enabled:
+            log.info("bearer tokens required ({count} configured)",
+                     count=len(self.config.tokens))
+        else:
+            log.warn("no tokens configured: anyone who can connect may read and write")
+        log.info(
+            "Loom ready: data in {data_dir}, fsync {fsync}, listening on {addresses}",
+            data_dir=self.config.data_dir,
+            fsync=self.config.fsync,
+            addresses=", ".join(describe_address(port.getHost()) for port in self.ports),
+        )
+
+    def _listen(self, description: str):
+        try:
+            endpoint = serverFromString(self.reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise StartupError(f"invalid listen endpoint {description!r}: {e}")
+        outcome: list = []
+        endpoint.listen(self.site).addBoth(outcome.append)
+        if not outcome:
+            raise StartupError(f"listening on {description!r} did not complete at start-up")
+        if isinstance(outcome[0], Failure):
+            reason = outcome[0].value
+            raise StartupError(
+                f"cannot listen on {description!r}: {getattr(reason, 'socketError', reason)}"
+            )
+        return outcome[0]
+
+    def _stop_listening(self) -> Deferred:
+        ports, self.ports = self.ports, []
+        return DeferredList(
+            [port.stopListening() for port in ports], consumeErrors=True
+        )
+
+    def stopService(self) -> Deferred:
+        """Stop listening, then interrupt live streams and close the store."""
+        super().stopService()
+
+        async def stop():
+            await self._stop_listening()
+            await self.store.stop()
+            log.info("Loom stopped")
+
+        return Deferred.fromCoroutine(stop())

@@ -1,0 +1,819 @@
+"""StreamStore: where streams live, on disk (DiskStore) or in memory (MemoryStore).
+
+A stream is a catalog record plus an append-only data file. While its producer
+is connected it is also a LiveStream in the store's registry: the producer
+appends to it, followers subscribe to it and are woken when it grows or ends.
+Readers always read by offset; a wake-up is only a hint that there is more.
+
+Blocking work (creating files, fsync, catalog commits) runs through a
+``Runners`` object: threads in production, inline calls under test fakes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Protocol
+
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, fail, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Attribute, Interface, implementer
+
+from loom.catalog import Catalog, StreamRecord
+from loom.errors import StorageFailed, StreamCut, StreamExists, StreamNotFound
+from loom.ids import IdGenerator
+
+log = Logger()
+
+# How a stream can end. The first three are stored states; the rest mean the
+# stream's data is gone and its followers must be cut off at once.
+COMPLETE, ABORTED, INTERRUPTED = "complete", "aborted", "interrupted"
+REPLACED, DELETED = "replaced", "deleted"
+
+
+class PartialWrite(OSError):
+    """A write failed after ``written`` bytes of the chunk reached the file."""
+
+    def __init__(self, written: int, error: OSError):
+        super().__init__(error.errno, error.strerror)
+        self.written = written
+
+
+# --- where blocking work runs ---------------------------------------------
+
+
+class Runners(Protocol):
+    def catalog(self, f: Callable, *args: Any) -> Deferred: ...
+
+    def io(self, f: Callable, *args: Any) -> Deferred: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class ThreadRunners:
+    """Catalog writes in one dedicated thread (one SQLite writer); file syncs in a pool."""
+
+    def __init__(self, reactor, io_threads: int = 4):
+        self._reactor = reactor
+        self._catalog = ThreadPool(1, 1, name="loom-catalog")
+        self._io = ThreadPool(1, io_threads, name="loom-io")
+
+    def start(self) -> None:
+        self._catalog.start()
+        self._io.start()
+
+    def stop(self) -> None:
+        self._catalog.stop()
+        self._io.stop()
+
+    def catalog(self, f, *args):
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self._reactor, self._catalog, f, *args)
+
+    def io(self, f, *args):
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self._reactor, self._io, f, *args)
+
+
+class InlineRunners:
+    """Runs blocking work at once on the calling thread: for tests on fakes."""
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def catalog(self, f, *args):
+        try:
+            return succeed(f(*args))
+        except BaseException:
+            return fail()
+
+    io = catalog
+
+
+# --- data files -------------------------------------------------------------
+
+
+class DataFile:
+    """An append-only data file shared by a stream's writer and its readers.
+
+    The file stays open while anyone holds a reference (``acquire`` /
+    ``release``), so a follower can finish reading a stream whose file was
+    unlinked by a replace.
+    """
+
+    def __init__(self, fd: int, directory: str | None = None):
+        self._fd = fd
+        self._refs = 1
+        self._unsynced_directory = directory
+
+    def acquire(self) -> DataFile:
+        self._refs += 1
+        return self
+
+    def release(self) -> None:
+        self._refs -= 1
+        if self._refs == 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def write(self, data: bytes) -> None:
+        """Hand all of ``data`` to the OS, or raise PartialWrite saying how much got there."""
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            try:
+                written += os.write(self._fd, view[written:])
+            except InterruptedError:
+                continue
+            except OSError as e:
+                raise PartialWrite(written, e) from e
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self._fd, size, offset)
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def thd_sync(self) -> None:
+        """fsync the data (and, the first time, the directory entry). Blocks."""
+        os.fsync(self._fd)
+        if self._unsynced_directory is not None:
+            _fsync_directory(self._unsynced_directory)
+            self._unsynced_directory = None
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MemoryFile:
+    """A DataFile kept in memory, for MemoryStore."""
+
+    def __init__(self, data: bytearray):
+        self._data = data
+
+    def acquire(self) -> MemoryFile:
+        return self
+
+    def release(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self._data += data
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(self._data[offset : offset + size])
+
+    def size(self) -> int:
+        return len(self._data)
+
+    def thd_sync(self) -> None:
+        pass
+
+
+# --- live streams -------------------------------------------------------------
+
+
+class StreamListener(Protocol):
+    def stream_grew(self, stream: LiveStream, start: int, chunk: bytes) -> None:
+        """``chunk`` was appended at offset ``start``."""
+
+    def stream_ended(self, stream: LiveStream) -> None:
+        """The stream ended; ``stream.outcome`` says how."""
+
+
+class LiveStream:
+    """A stream whose producer is connected: append-only, observable, then ended once.
+
+    ``size`` counts bytes handed to the OS; ``synced`` the bytes known to be on
+    stable storage. Followers subscribe to hear about growth and the end.
+    """
+
+    def __init__(self, store: _StoreBase, record: StreamRecord, data: DataFile):
+        self._store = store
+        self.record = record
+        self.id = record.id
+        self.metadata_json = record.metadata
+        self.file = data
+        self.size = 0
+        self.synced = 0
+        self.outcome: str | None = None
+        self.closing = False
+        self.replaced = False  # whether creating it replaced an older stream
+        self.on_cut: Callable[[str], None] | None = None
+        self._listeners: list[StreamListener] = []
+        self._syncing = False
+        self._sync_waiters: list[Deferred] = []
+
+    def __repr__(self) -> str:
+        return f"<LiveStream {self.id} size={self.size} outcome={self.outcome}>"
+
+    # producer side
+
+    def append(self, data: bytes) -> None:
+        """Hand ``data`` to the OS, then wake the followers. Raises StorageFailed, StreamCut."""
+        if self.outcome is not None or self.closing:
+            raise StreamCut(f"stream {self.id} no longer accepts data")
+        if not data:
+            return
+        start = self.size
+        try:
+            self.file.write(data)
+        except PartialWrite as e:
+            self.size += e.written
+            if e.written:
+                self._notify_grew(start, data[: e.written])
+            raise StorageFailed(f"writing stream {self.id} failed: {e.strerror}")
+        self.size += len(data)
+        self._notify_grew(start, data)
+
+    def sync(self) -> Deferred:
+        """Fire once every byte appended so far is on stable storage.
+
+        Syncs of one stream never overlap: callers that arrive while one is
+        running share the next round.
+        """
+        d: Deferred = Deferred()
+        if self.synced >= self.size and not self._syncing:
+            d.callback(None)
+            return d
+        self._sync_waiters.append(d)
+        if not self._syncing:
+            self._start_sync()
+        return d
+
+    def _start_sync(self) -> None:
+        waiters, self._sync_waiters = self._sync_waiters, []
+        target = self.size
+        self._syncing = True
+        self.file.acquire()
+
+        def done(result):
+            self._syncing = False
+            self.file.release()
+            if isinstance(result, Failure):
+                log.error(
+                    "syncing stream {stream_id} failed: {error}",
+                    stream_id=self.id,
+                    error=result.getErrorMessage(),
+                )
+                failure = Failure(StorageFailed(f"syncing stream {self.id} failed"))
+                for waiter in waiters:
+                    waiter.errback(failure)
+            else:
+                self.synced = max(self.synced, target)
+                for waiter in waiters:
+                    waiter.callback(None)
+            if self._sync_waiters:
+                self._start_sync()
+
+        self._store._runners.io(self.file.thd_sync).addBoth(done)
+
+    async def complete(self) -> None:
+        """The body ended: sync, record the stream complete, end followers cleanly.
+
+        Raises StorageFailed (the stream is then recorded aborted) or StreamCut.
+        """
+        await self._finish(COMPLETE)
+
+    async def abort(self) -> None:
+        """The producer went away mid-body: keep what arrived, record the stream aborted."""
+        await self._finish(ABORTED)
+
+    async def interrupt(self) -> None:
+        """The server is stopping: keep what arrived, record the stream interrupted."""
+        await self._finish(INTERRUPTED)
+
+    async def _finish(self, state: str) -> None:
+        if self.outcome is not None:
+            raise StreamCut(f"stream {self.id} already ended ({self.outcome})")
+        if self.closing:
+            raise StreamCut(f"stream {self.id} is already ending")
+        self.closing = True
+        try:
+            if self._store.fsync != "never":
+                await self.sync()
+        except StorageFailed:
+            await self._record(ABORTED)
+            raise
+        await self._record(state)
+
+    async def _record(self, state: str) -> None:
+        try:
+            still_ours = await self._store._record_end(self, state)
+        except Exception:
+            log.failure("recording the end of stream {stream_id} failed", stream_id=self.id)
+            self._end(ABORTED)
+            raise StorageFailed(f"recording the end of stream {self.id} failed")
+        if self.outcome is None:
+            self._end(state if still_ours else REPLACED)
+        if self.outcome != state:
+            raise StreamCut(f"stream {self.id} was {self.outcome} while ending")
+
+    def cut(self, outcome: str) -> None:
+        """End the stream now because its data is gone (replaced, deleted)."""
+        if self.outcome is not None:
+            return
+        self._end(outcome)
+        if self.on_cut is not None:
+            self.on_cut(outcome)
+
+    def _end(self, outcome: str) -> None:
+        self.outcome = outcome
+        self._store._unregister(self)
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener.stream_ended(self)
+        self.file.release()
+
+    # follower side
+
+    def subscribe(self, listener: StreamListener) -> None:
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: StreamListener) -> None:
+        try:
+            self._listeners.remove(listener)
+        except ValueError:
+            pass
+
+    @property
+    def listener_count(self) -> int:
+        return len(self._listeners)
+
+    def _notify_grew(self, start: int, chunk: bytes) -> None:
+        for listener in list(self._listeners):
+            listener.stream_grew(self, start, chunk)
+
+
+# --- what readers get ---------------------------------------------------------
+
+
+@dataclass
+class StreamHandle:
+    """A reader's view of a stream: its record, its bytes, and its LiveStream if live.
+
+    ``close`` must be called when the reader is done with it.
+    """
+
+    record: StreamRecord
+    file: Any
+    live: LiveStream | None
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def state(self) -> str:
+        return "live" if self.live is not None else self.record.state
+
+    @property
+    def size(self) -> int:
+        """Bytes readable now: the live size, or the recorded final size."""
+        return self.live.size if self.live is not None else self.record.size
+
+    @property
+    def metadata_json(self) -> str:
+        return self.record.metadata
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.file.read(offset, size)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.release()
+            self.file = None
+
+
+class IStreamStore(Interface):
+    """Creates, finds and ends streams. DiskStore and MemoryStore both provide it."""
+
+    fsync = Attribute("The fsync policy: always, interval or never.")
+
+    def start():
+        """Open the storage and reconcile it after a crash; call before serving."""
+
+    def stop():
+        """Interrupt live streams, sync and close everything. Returns a Deferred."""
+
+    def create(stream_id, metadata_json, force):
+        """Create a live stream (id None: generate one). Deferred LiveStream.
+
+        A taken id fails with StreamExists unless ``force``, which replaces the
+        old stream: its data is deleted and its producer and followers cut.
+        """
+
+    def open(stream_id):
+        """A StreamHandle to read the stream, or raise StreamNotFound."""
+
+    def live_streams():
+        """The LiveStreams whose producers are connected now."""
+
+    def observe(observer):
+        """Call ``observer(live_stream)`` for every stream created from now on."""
+
+    def unobserve(observer):
+        """Stop calling ``observer``."""
+
+
+class _StoreBase:
+    """Registry, locking and life cycle shared by the disk and memory stores."""
+
+    def __init__(self, clock, runners: Runners, fsync: str, fsync_interval: float):
+        self._clock = clock
+        self._runners = runners
+        self.fsync = fsync
+        self._fsync_interval = fsync_interval
+        self._live: dict[str, LiveStream] = {}
+        self._locks: dict[str, DeferredLock] = {}
+        self._observers: list[Callable[[LiveStream], None]] = []
+        self._new_id = IdGenerator(clock)
+        self._sync_loop: LoopingCall | None = None
+        self._sync_round: Deferred | None = None
+
+    # life cycle
+
+    def start(self) -> None:
+        self._runners.start()
+        self._open_storage()
+        if self.fsync == "interval":
+            self._sync_loop = LoopingCall(self._sync_live_streams)
+            self._sync_loop.clock = self._clock
+            self._sync_loop.start(self._fsync_interval, now=False)
+
+    async def stop(self) -> None:
+        if self._sync_loop is not None and self._sync_loop.running:
+            self._sync_loop.stop()
+        if self._sync_round is not None:
+            await self._sync_round
+        streams = list(self._live.values())
+        endings = []
+        for stream in streams:
+            # Start ending the stream first, so that cutting its producer's
+            # connection below cannot turn it into an aborted stream.
+            endings.append(Deferred.fromCoroutine(stream.interrupt()))
+            if stream.on_cut is not None:
+                stream.on_cut(INTERRUPTED)
+        results = await DeferredList(endings, consumeErrors=True)
+        for stream, (ok, result) in zip(streams, results):
+            if not ok:
+                log.warn(
+                    "stream {stream_id} could not be recorded as interrupted: {error}",
+                    stream_id=stream.id,
+                    error=result.getErrorMessage(),
+                )
+        self._runners.stop()
+        self._close_storage()
+
+    def _sync_live_streams(self) -> None:
+        """One round of the interval policy: sync every stream with unsynced bytes."""
+        if self._sync_round is not None:
+            return  # the previous round is still running; skip, don't pile up
+        pending = [s.sync() for s in self._live.values() if s.size > s.synced]
+        if not pending:
+            return
+
+        def done(_):
+            self._sync_round = None
+
+        self._sync_round = DeferredList(pending, consumeErrors=True)
+        self._sync_round.addCallback(done)
+
+    # registry
+
+    def live_streams(self) -> list[LiveStream]:
+        return list(self._live.values())
+
+    def observe(self, observer: Callable[[LiveStream], None]) -> None:
+        self._observers.append(observer)
+
+    def unobserve(self, observer: Callable[[LiveStream], None]) -> None:
+        try:
+            self._observers.remove(observer)
+        except ValueError:
+            pass
+
+    @property
+    def observer_count(self) -> int:
+        return len(self._observers)
+
+    def _unregister(self, stream: LiveStream) -> None:
+        if self._live.get(stream.id) is stream:
+            del self._live[stream.id]
+
+    # creating
+
+    async def create(
+        self, stream_id: str | None, metadata_json: str, force: bool = False
+    ) -> LiveStream:
+        if stream_id is None:
+            for _ in range(5):
+                try:
+                    return await self._create(self._new_id(), metadata_json, False)
+                except StreamExists:
+                    continue
+            raise StorageFailed("could not generate an unused stream id")
+        return await self._create(stream_id, metadata_json, force)
+
+    async def _create(self, stream_id: str, metadata_json: str, force: bool) -> LiveStream:
+        lock = self._locks.setdefault(stream_id, DeferredLock())
+        await lock.acquire()
+        try:
+            if not force and (stream_id in self._live or self._get_record(stream_id)):
+                raise StreamExists(stream_id)
+            record = StreamRecord(
+                id=stream_id,
+                storage=_storage_name(stream_id),
+                metadata=metadata_json,
+                state="live",
+                size=0,
+                created_ms=int(self._clock.seconds() * 1000),
+            )
+            try:
+                data, replaced_storage = await self._runners.catalog(
+                    self._thd_create, record, force
+                )
+            except StreamExists:
+                raise
+            except OSError as e:
+                log.error(
+                    "creating stream {stream_id} failed: {error}",
+                    stream_id=stream_id,
+                    error=e.strerror,
+                )
+                raise StorageFailed(f"creating the stream failed: {e.strerror}")
+            old = self._live.get(stream_id)
+            stream = LiveStream(self, record, data)
+            stream.replaced = replaced_storage is not None
+            self._live[stream_id] = stream
+            if old is not None:
+                old.cut(REPLACED)
+            if replaced_storage is not None:
+                await self._runners.io(self._thd_remove_data, replaced_storage)
+                log.info("stream {stream_id} replaced", stream_id=stream_id)
+            for observer in list(self._observers):
+                observer(stream)
+            return stream
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(stream_id, None)
+
+    async def _record_end(self, stream: LiveStream, state: str) -> bool:
+        finished_ms = int(self._clock.seconds() * 1000)
+        ok = await self._runners.catalog(
+            self._thd_record_end, stream.record, state, stream.size, finished_ms
+        )
+        if ok:
+            stream.record = replace(
+                stream.record, state=state, size=stream.size, finished_ms=finished_ms
+            )
+            log.info(
+                "stream {stream_id} {state}, {size} bytes",
+                stream_id=stream.id,
+                state=state,
+                size=stream.size,
+            )
+        return ok
+
+    # reading
+
+    def open(self, stream_id: str) -> StreamHandle:
+        live = self._live.get(stream_id)
+        if live is not None:
+            return StreamHandle(live.record, live.file.acquire(), live)
+        record = self._get_record(stream_id)
+        if record is None:
+            raise StreamNotFound(stream_id)
+        return StreamHandle(record, self._open_data(record), None)
+
+    # what each store provides
+
+    def _open_storage(self) -> None:
+        raise NotImplementedError
+
+    def _close_storage(self) -> None:
+        raise NotImplementedError
+
+    def _get_record(self, stream_id: str) -> StreamRecord | None:
+        raise NotImplementedError
+
+    def _open_data(self, record: StreamRecord):
+        raise NotImplementedError
+
+    def _thd_create(self, record: StreamRecord, force: bool):
+        """Create the data file and the catalog row; return (file, replaced storage)."""
+        raise NotImplementedError
+
+    def _thd_record_end(self, record: StreamRecord, state: str, size: int, at_ms: int):
+        raise NotImplementedError
+
+    def _thd_remove_data(self, storage: str) -> None:
+        raise NotImplementedError
+
+
+def _storage_name(stream_id: str) -> str:
+    """A file name for a new generation of ``stream_id``: never the raw id.
+
+    The id is base32-encoded (so the name is safe on any file system and the
+    id can be recovered from an orphaned file), then a random suffix makes
+    each replacement a different file.
+    """
+    encoded = base64.b32encode(stream_id.encode("ascii")).decode("ascii").rstrip("=")
+    return f"{encoded.lower()}.{secrets.token_hex(4)}"
+
+
+def stream_id_of_storage(storage: str) -> str | None:
+    """The stream id an (orphaned) storage name was made for, if it decodes."""
+    encoded, _, _ = storage.partition(".")
+    padded = encoded.upper() + "=" * (-len(encoded) % 8)
+    try:
+        return base64.b32decode(padded).decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+@implementer(IStreamStore)
+class DiskStore(_StoreBase):
+    """Streams in ``<data_dir>/streams/<xx>/<storage>.data`` with a SQLite catalog."""
+
+    def __init__(
+        self,
+        data_dir: str,
+        clock,
+        runners: Runners,
+        fsync: str = "interval",
+        fsync_interval: float = 1.0,
+    ):
+        super().__init__(clock, runners, fsync, fsync_interval)
+        self.data_dir = FilePath(os.path.abspath(data_dir))
+        self._writer: Catalog | None = None
+        self._reader: Catalog | None = None
+
+    @property
+    def catalog_path(self) -> str:
+        return self.data_dir.child("catalog.sqlite3").path
+
+    def data_path(self, storage: str) -> FilePath:
+        """Where the data of storage name ``storage`` lives."""
+        bucket = hashlib.sha256(storage.encode("ascii")).hexdigest()[:2]
+        return self.data_dir.child("streams").child(bucket).child(storage + ".data")
+
+    def _open_storage(self) -> None:
+        self.data_dir.child("streams").makedirs(ignoreExistingDirectory=True)
+        self._writer = Catalog(self.catalog_path)
+        self._reader = Catalog(self.catalog_path, readonly=True)
+        self._recover()
+
+    def _close_storage(self) -> None:
+        for catalog in (self._reader, self._writer):
+            if catalog is not None:
+                catalog.close()
+        self._reader = self._writer = None
+
+    def _recover(self) -> None:
+        """Streams left live by a crash become interrupted, sized by what is on disk."""
+        now_ms = int(self._clock.seconds() * 1000)
+        for record in self._writer.records_in_state("live"):
+            path = self.data_path(record.storage)
+            try:
+                size = path.getsize()
+            except OSError:
+                size = 0
+                log.warn(
+                    "stream {stream_id} was live but its data file is missing",
+                    stream_id=record.id,
+                )
+            self._writer.finish(record.id, record.storage, INTERRUPTED, size, now_ms)
+            log.info(
+                "stream {stream_id} was live when Loom stopped: now interrupted, "
+                "{size} bytes",
+                stream_id=record.id,
+                size=size,
+            )
+
+    def _get_record(self, stream_id: str) -> StreamRecord | None:
+        return self._reader.get(stream_id)
+
+    def _open_data(self, record: StreamRecord) -> DataFile:
+        try:
+            fd = os.open(self.data_path(record.storage).path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if record.size == 0:
+                return MemoryFile(bytearray())
+            log.error(
+                "stream {stream_id}: data file missing ({size} bytes lost)",
+                stream_id=record.id,
+                size=record.size,
+            )
+            raise StorageFailed(f"The data of stream {record.id} is missing.")
+        return DataFile(fd)
+
+    def _thd_create(self, record: StreamRecord, force: bool):
+        path = self.data_path(record.storage)
+        directory = path.parent()
+        directory.makedirs(ignoreExistingDirectory=True)
+        fd = os.open(
+            path.path,
+            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+            0o644,
+        )
+        try:
+            if force:
+                replaced = self._writer.replace(record)
+            else:
+                self._writer.insert(record)
+                replaced = None
+        except BaseException:
+            os.close(fd)
+            os.unlink(path.path)
+            raise
+        return DataFile(fd, directory.path), replaced
+
+    def _thd_record_end(self, record, state, size, at_ms) -> bool:
+        return self._writer.finish(record.id, record.storage, state, size, at_ms)
+
+    def _thd_remove_data(self, storage: str) -> None:
+        try:
+            os.unlink(self.data_path(storage).path)
+        except FileNotFoundError:
+            pass
+
+
+@implementer(IStreamStore)
+class MemoryStore(_StoreBase):
+    """The same contract with everything in dictionaries: a fake for tests.
+
+    ``records`` and ``files`` may be shared with a later MemoryStore to
+    simulate a restart.
+    """
+
+    def __init__(
+        self,
+        clock,
+        runners: Runners | None = None,
+        fsync: str = "interval",
+        fsync_interval: float = 1.0,
+        records: dict | None = None,
+        files: dict | None = None,
+    ):
+        super().__init__(clock, runners or InlineRunners(), fsync, fsync_interval)
+        self.records: dict[str, StreamRecord] = {} if records is None else records
+        self.files: dict[str, bytearray] = {} if files is None else files
+
+    def _open_storage(self) -> None:
+        now_ms = int(self._clock.seconds() * 1000)
+        for record in list(self.records.values()):
+            if record.state == "live":
+                size = len(self.files.get(record.storage, b""))
+                self.records[record.id] = replace(
+                    record, state=INTERRUPTED, size=size, finished_ms=now_ms
+                )
+
+    def _close_storage(self) -> None:
+        pass
+
+    def _get_record(self, stream_id):
+        return self.records.get(stream_id)
+
+    def _open_data(self, record):
+        return MemoryFile(self.files.setdefault(record.storage, bytearray()))
+
+    def _thd_create(self, record, force):
+        old = self.records.get(record.id)
+        if old is not None and not force:
+            raise StreamExists(record.id)
+        self.records[record.id] = record
+        self.files[record.storage] = bytearray()
+        return MemoryFile(self.files[record.storage]), (old.storage if old else None)
+
+    def _thd_record_end(self, record, state, size, at_ms):
+        current = self.records.get(record.id)
+        if current is None or current.storage != record.storage:
+            return False
+        self.records[record.id] = replace(
+            current, state=state, size=size, finished_ms=at_ms
+        )
+        return True
+
+    def _thd_remove_data(self, storage):
+        self.files.pop(storage, None)

@@ -1,0 +1,104 @@
+"""``twistd loom``: command-line options in, a LoomService out. The only place the global reactor is used."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+from twisted.python import usage
+
+from loom.config import SETTINGS, load_config
+from loom.errors import ConfigError
+from loom.service import LoomService, StartupError
+
+
+def _settings_help() -> str:
+    lines = ["Configuration keys (YAML file key, environment variable):"]
+    for setting in SETTINGS:
+        lines.append(f"  {setting.key}, {setting.env}\n      {setting.help}")
+    return "\n".join(lines)
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Loom: a server for live data streams. Producers POST a stream and keep "
+        "writing; consumers GET it live or later.\n\n"
+        "Settings come from built-in defaults, then YAML files (-c, in order; "
+        "LOOM_CONFIG when no -c is given), then LOOM_* environment variables, "
+        "then these options."
+    )
+    optParameters = [
+        ["port", "p", None, "TCP port to listen on [default: 3060]."],
+        ["host", None, None, "Interface to listen on [default: 127.0.0.1]."],
+        ["data-dir", None, None, "Directory for the catalog and stream data [default: ./data]."],
+        ["fsync", None, None, "When to fsync stream data: always, interval or never."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["config"] = []
+        self["listen"] = []
+
+    def getUsage(self, width=None):
+        # The settings table is appended as is: longdesc would be re-wrapped.
+        return super().getUsage(width) + "\n" + _settings_help() + "\n"
+
+    def opt_config(self, path: str) -> None:
+        """A YAML configuration file; repeatable, later files win."""
+        self["config"].append(path)
+
+    opt_c = opt_config
+
+    def opt_listen(self, description: str) -> None:
+        """A Twisted endpoint to listen on (e.g. tcp:3060:interface=0.0.0.0, unix:/run/loom.sock); repeatable."""
+        self["listen"].append(description)
+
+    def command_line_settings(self) -> dict:
+        """The settings given as options, keyed like the YAML file."""
+        given = {
+            "port": self["port"],
+            "host": self["host"],
+            "storageDataDir": self["data-dir"],
+            "fsync": self["fsync"],
+            "listen": self["listen"] or None,
+        }
+        return {key: value for key, value in given.items() if value is not None}
+
+
+class _CommandLineService(LoomService):
+    """Under twistd a start-up failure is one line on stderr and exit status 1."""
+
+    def startService(self):
+        try:
+            super().startService()
+        except StartupError as e:
+            raise SystemExit(f"loom: {e}")
+
+
+def _raise_open_file_limit() -> None:
+    # Every follower and producer is a socket; the default soft limit of 1024 is low.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def makeService(options: Options) -> LoomService:
+    files = options["config"]
+    if not files and os.environ.get("LOOM_CONFIG"):
+        files = [path for path in os.environ["LOOM_CONFIG"].split(os.pathsep) if path]
+    try:
+        loaded = load_config(files, os.environ, options.command_line_settings())
+    except ConfigError as e:
+        raise SystemExit(f"loom: {e}")
+    _raise_open_file_limit()
+    from twisted.internet import reactor
+
+    return _CommandLineService(loaded.config, reactor, warnings=loaded.warnings)
+
+
+__all__ = ["Options", "makeService"]

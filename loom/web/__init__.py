@@ -1,0 +1,1 @@
+"""Loom's HTTP layer: the only part of Loom that imports twisted.web."""

@@ -1,0 +1,378 @@
+"""Streaming request bodies: the only module that touches twisted.web's channel internals.
+
+twisted.web normally spools a request body to a temporary file and renders
+the request when the body has ended. Loom's producers keep their body open
+for hours and want their ``201`` at once, so:
+
+* ``LoomChannel`` tells the request when its headers are complete, holds back
+  ``100 Continue`` until the request is accepted, and after an early answer
+  (401, 409, ...) stops reading requests and closes gently.
+* ``LoomRequest`` never spools: a POST is dispatched as soon as its headers
+  are in, each body chunk goes to its ``body_sink`` as it arrives, and the
+  channel's "request received" becomes "body ended".
+* ``Ingest`` is that sink for ``POST /stream``: it creates the stream, sends
+  the 201, appends every chunk to the stream, and ends the response only when
+  the data is durable; on any storage failure it aborts the connection.
+
+Tested against Twisted 26.10 with raw bytes through a real channel
+(tests/web/test_ingest.py); setup.py pins the Twisted range.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+
+from loom.errors import StorageFailed, StreamCut
+from loom.store import LiveStream
+
+log = Logger()
+
+# After an early answer, how long the client may keep sending before we close.
+LINGER_SECONDS = 2.0
+
+
+class LoomChannel(http.HTTPChannel):
+    """An HTTPChannel that lets requests act as soon as their headers are complete."""
+
+    idle_timeout: float | None = None
+    _holding_continue = False
+    _continue_expected = False
+    _discarding = False
+    _linger_call = None
+    _read_pauses = 0
+
+    def connectionMade(self):
+        # Site.buildProtocol set timeOut to the keep-alive idle timeout.
+        self.idle_timeout = self.timeOut
+        super().connectionMade()
+
+    # Once a request was answered before its body ended, nothing more the
+    # client sends may reach the parser: the rest of the current read is
+    # still delivered line by line or raw, and a finished body would make the
+    # base class look for a request that is gone.
+
+    def dataReceived(self, data):
+        if not self._discarding:
+            super().dataReceived(data)
+
+    def lineReceived(self, line):
+        if not self._discarding:
+            super().lineReceived(line)
+
+    def rawDataReceived(self, data):
+        if not self._discarding:
+            super().rawDataReceived(data)
+
+    def allHeadersReceived(self):
+        self._holding_continue = True
+        try:
+            super().allHeadersReceived()
+        finally:
+            self._holding_continue = False
+        request = self.requests[-1]
+        request.headers_received(self._command, self._path, self._version)
+        if not request.dispatched_early:
+            self.send_continue()
+
+    def _send100Continue(self):
+        if self._holding_continue:
+            self._continue_expected = True
+        else:
+            super()._send100Continue()
+
+    def send_continue(self) -> None:
+        """Send the ``100 Continue`` the client asked for, if it did and it is still due."""
+        if self._continue_expected:
+            self._continue_expected = False
+            super()._send100Continue()
+
+    def allContentReceived(self):
+        if self._discarding:
+            return
+        # A streaming upload ran under the producer idle timeout; between
+        # requests the keep-alive idle timeout applies again. The base class
+        # saves self.timeOut here and restores it when the response is done.
+        self.timeOut = self.idle_timeout
+        super().allContentReceived()
+
+    def set_body_timeout(self, seconds: float | None) -> None:
+        """Use ``seconds`` of silence (None: no limit) as the limit while a body streams in."""
+        self.setTimeout(seconds)
+
+    def pause_reading(self) -> None:
+        """Stop reading from the client until every pause is matched by a resume."""
+        self._read_pauses += 1
+        if self._read_pauses == 1 and self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self._read_pauses -= 1
+        if self._read_pauses == 0 and self.transport is not None:
+            self.transport.resumeProducing()
+
+    def refuse_further_requests(self) -> None:
+        """The current request was answered before its body ended: read nothing more.
+
+        Finishing such a response makes the channel close the connection
+        (``persistent`` is false); ``loseConnection`` then half-closes and lets
+        the client's remaining bytes drain for a moment, so that the answer is
+        not destroyed by a TCP reset.
+        """
+        self.persistent = False
+        self._discarding = True
+
+    def loseConnection(self):
+        if not self._discarding or self.transport is None:
+            return super().loseConnection()
+        if self._linger_call is not None:
+            return
+        self._networkProducer.unregisterProducer()
+        close_write = getattr(self.transport, "loseWriteConnection", None)
+        if close_write is None:
+            return self.transport.loseConnection()
+        close_write()
+        self._linger_call = self.callLater(LINGER_SECONDS, self._end_linger)
+
+    def _end_linger(self):
+        self._linger_call = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
+        self._linger_call = None
+        super().connectionLost(reason)
+
+    def abort(self) -> None:
+        """Drop the connection at once: the client must not mistake this for a clean end."""
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _respondToBadRequestAndDisconnect(self):
+        # Called for malformed requests, including a malformed chunk in the
+        # middle of a body. If a response (such as a 201) has begun, writing
+        # "400 Bad Request" into it would corrupt it: abort instead.
+        request = self.requests[-1] if self.requests else None
+        if request is not None and request.startedWriting:
+            self.abort()
+            return
+        body = b'{"error": "The request is malformed."}\n'
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.refuse_further_requests()
+        self.loseConnection()
+
+
+class LoomRequest(server.Request):
+    """A request that can be dispatched when its headers arrive and never spools its body."""
+
+    defaultContentType = None
+    body_sink = None
+    dispatched_early = False
+    body_done = False
+    stream_id: str | None = None
+
+    def gotLength(self, length):
+        # No temporary file: bodies are streamed to ``body_sink`` or discarded.
+        self.content = None
+
+    def headers_received(self, command: bytes, path: bytes, version: bytes) -> None:
+        """All headers are in: dispatch a POST now so its body can stream."""
+        if command == b"POST":
+            self.dispatched_early = True
+            self._set_request_line(command, path, version)
+            self.process()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_sink is not None:
+            self.body_sink.body_chunk(data)
+
+    def requestReceived(self, command, path, version):
+        """The body ended. For a request already dispatched that is all it means."""
+        self.body_done = True
+        if self.dispatched_early:
+            if self.body_sink is not None:
+                self.body_sink.body_ended()
+            return
+        self._set_request_line(command, path, version)
+        self.process()
+
+    def _set_request_line(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path, _, query = path.partition(b"?")
+        # Not http.parse_qs: it drops bare flags such as the original "?notail".
+        self.args = parse_qs(query, keep_blank_values=True) if query else {}
+
+    def finish(self):
+        if self.dispatched_early and not self.body_done and self.channel is not None:
+            self.channel.refuse_further_requests()
+        return super().finish()
+
+    def connectionLost(self, reason):
+        sink = self.body_sink if not self.body_done else None
+        if not self.finished and self.channel is not None:
+            site = getattr(self.channel, "site", None)
+            if site is not None:
+                site.log(self, closed=True)
+        super().connectionLost(reason)
+        if sink is not None:
+            sink.body_lost(reason)
+
+
+class Ingest:
+    """Feeds the body of one ``POST /stream`` request into one LiveStream.
+
+    Until the stream exists the channel is paused, so at most one network
+    read is held in memory. After that every chunk is appended (handed to the
+    OS) before the next one is read.
+    """
+
+    def __init__(self, request: LoomRequest, store, producer_idle_timeout: float | None):
+        self._request = request
+        self._store = store
+        self._channel: LoomChannel = request.channel
+        self._producer_idle_timeout = producer_idle_timeout
+        self._pending: list[bytes] = []
+        self._stream: LiveStream | None = None
+        self._body_ended = False
+        self._lost = False
+        self._failed = False
+        self._syncing = False
+        request.body_sink = self
+
+    async def run(self, stream_id: str | None, metadata_json: str, force: bool) -> None:
+        """Create the stream and answer 201, or raise the LoomError to answer instead."""
+        self._channel.pause_reading()
+        try:
+            stream = await self._store.create(stream_id, metadata_json, force)
+        except BaseException:
+            self._channel.resume_reading()
+            raise
+        self._stream = stream
+        self._request.stream_id = stream.id
+        stream.on_cut = self._cut
+        if not self._lost:
+            self._send_created(stream)
+        pending, self._pending = self._pending, []
+        for chunk in pending:
+            self.body_chunk(chunk)
+        if self._lost:
+            self._abort_stream()
+        elif self._body_ended:
+            self._complete()
+        self._channel.resume_reading()
+
+    def _send_created(self, stream: LiveStream) -> None:
+        request = self._request
+        self._channel.send_continue()
+        if not request.body_done:
+            self._channel.set_body_timeout(self._producer_idle_timeout)
+        request.setResponseCode(http.CREATED)
+        request.setHeader(b"X-Stream-Id", stream.id.encode("ascii"))
+        request.setHeader(b"Location", b"/stream/" + stream.id.encode("ascii"))
+        if stream.replaced:
+            request.setHeader(b"X-Stream-Replaced", b"true")
+        request.write(b"")  # the headers leave now; the body of the response stays empty
+
+    # body_sink
+
+    def body_chunk(self, data: bytes) -> None:
+        if self._failed:
+            return
+        if self._stream is None:
+            self._pending.append(data)
+            return
+        try:
+            self._stream.append(data)
+        except StorageFailed as e:
+            self._fail(str(e))
+            return
+        except StreamCut:
+            self._fail(None)
+            return
+        if self._store.fsync == "always" and not self._syncing:
+            self._sync_before_reading_more()
+
+    def body_ended(self) -> None:
+        self._body_ended = True
+        if self._stream is not None and not self._failed:
+            self._complete()
+
+    def body_lost(self, reason: Failure) -> None:
+        self._lost = True
+        if self._stream is not None and not self._failed:
+            self._abort_stream()
+
+    # internals
+
+    def _sync_before_reading_more(self) -> None:
+        self._syncing = True
+        self._channel.pause_reading()
+
+        def synced(_):
+            if self._stream.synced < self._stream.size and not self._failed:
+                self._stream.sync().addCallbacks(synced, failed)
+                return
+            self._syncing = False
+            self._channel.resume_reading()
+
+        def failed(failure):
+            self._syncing = False
+            self._channel.resume_reading()
+            self._fail(failure.getErrorMessage())
+
+        self._stream.sync().addCallbacks(synced, failed)
+
+    def _complete(self) -> None:
+        def completed(_):
+            if not self._request._disconnected and not self._request.finished:
+                self._request.finish()
+
+        def failed(failure):
+            failure.trap(StorageFailed, StreamCut)
+            self._fail(failure.getErrorMessage(), record=False)
+
+        d = Deferred.fromCoroutine(self._stream.complete())
+        d.addCallbacks(completed, failed)
+
+    def _abort_stream(self) -> None:
+        def failed(failure):
+            failure.trap(StorageFailed, StreamCut)
+
+        Deferred.fromCoroutine(self._stream.abort()).addErrback(failed)
+
+    def _fail(self, reason: str | None, record: bool = True) -> None:
+        """Storing failed after the 201: abort the connection so the producer can tell."""
+        if self._failed:
+            return
+        self._failed = True
+        if reason:
+            log.error(
+                "stream {stream_id}: {reason}; aborting its producer",
+                stream_id=self._stream.id,
+                reason=reason,
+            )
+        if record and self._stream.outcome is None and not self._stream.closing:
+            self._abort_stream()
+        self._channel.abort()
+
+    def _cut(self, outcome: str) -> None:
+        """The store ended the stream under us (replaced, deleted, shutting down)."""
+        if not self._failed:
+            self._failed = True
+            log.info(
+                "stream {stream_id} {outcome}: disconnecting its producer",
+                stream_id=self._stream.id,
+                outcome=outcome,
+            )
+            self._channel.abort()

@@ -1,0 +1,264 @@
+"""The resource tree: ``/stream``, ``/stream/:id`` (and, later, ``/spy``).
+
+Every error is JSON ``{"error": "..."}``. Handlers are plain or ``async``
+methods; ``render_async`` is the one place a coroutine meets a request.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Awaitable, Callable
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from loom import __version__
+from loom.errors import BadRequest, LoomError, MethodNotAllowed, NotFound
+from loom.follow import Follower
+from loom.ids import validate_id
+from loom.metadata import parse_metadata
+from loom.web.auth import BearerAuth
+from loom.web.ingest import Ingest
+
+log = Logger()
+
+SERVER_HEADER = f"Loom/{__version__}".encode("ascii")
+
+
+# --- answering ------------------------------------------------------------------
+
+
+def write_json(request, status: int, document: dict, headers: dict | None = None) -> None:
+    """Answer with a complete JSON document and finish the request."""
+    body = json.dumps(document, ensure_ascii=True).encode("ascii") + b"\n"
+    request.setResponseCode(status)
+    for name, value in (headers or {}).items():
+        request.setHeader(name.encode("ascii"), value.encode("ascii"))
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+def write_error(request, error: LoomError) -> None:
+    write_json(request, error.status, {"error": error.message}, error.headers)
+
+
+def answer_failure(request, failure: Failure) -> None:
+    """Turn a handler's failure into the right answer, whatever state the request is in."""
+    if request._disconnected or request.finished:
+        if not failure.check(LoomError, CancelledError):
+            log.failure("request failed after its client left", failure)
+        return
+    if request.startedWriting:
+        # Too late for a status code: the client must see a broken response.
+        if not failure.check(LoomError):
+            log.failure("request failed while responding", failure)
+        request.channel.abort()
+        return
+    if failure.check(LoomError):
+        write_error(request, failure.value)
+        return
+    log.failure("unexpected error handling {method} {uri}", failure,
+                method=request.method, uri=request.uri)
+    write_json(request, http.INTERNAL_SERVER_ERROR,
+               {"error": "Loom hit an unexpected error; it has been logged."})
+
+
+def render_async(request, handler: Callable[[], Awaitable[None]]) -> int:
+    """Run a coroutine handler for ``request``; errors become JSON answers."""
+    Deferred.fromCoroutine(handler()).addErrback(lambda f: answer_failure(request, f))
+    return NOT_DONE_YET
+
+
+def query_flag(request, name: bytes) -> bool:
+    """Whether a query flag such as ``?notail`` or ``?force=true`` is set."""
+    values = request.args.get(name)
+    if not values:
+        return False
+    value = values[-1].lower()
+    if value in (b"", b"true", b"1", b"yes"):
+        return True
+    if value in (b"false", b"0", b"no"):
+        return False
+    raise BadRequest(f"Query parameter {name.decode()} takes true or false.")
+
+
+class JsonResource(Resource):
+    """A resource whose errors, including unsupported methods, are JSON."""
+
+    def render(self, request):
+        request.setHeader(b"Server", SERVER_HEADER)
+        method = request.method.decode("ascii", "replace")
+        handler = getattr(self, "render_" + method, None)
+        try:
+            if handler is None or not method.isupper():
+                allowed = sorted(
+                    name[len("render_"):] for name in dir(self)
+                    if name.startswith("render_") and name[len("render_"):].isupper()
+                )
+                raise MethodNotAllowed(method, allowed)
+            return handler(request)
+        except LoomError as e:
+            write_error(request, e)
+            return NOT_DONE_YET
+
+
+class ErrorResource(JsonResource):
+    """Answers every request with one error (an auth failure, an unknown route)."""
+
+    isLeaf = True
+
+    def __init__(self, error: LoomError):
+        super().__init__()
+        self._error = error
+
+    def render(self, request):
+        request.setHeader(b"Server", SERVER_HEADER)
+        write_error(request, self._error)
+        return NOT_DONE_YET
+
+
+# --- the tree -------------------------------------------------------------------
+
+
+class RequestSink:
+    """Adapts a request to what a Follower writes to."""
+
+    def __init__(self, request):
+        self._request = request
+
+    def write(self, data: bytes) -> None:
+        self._request.write(data)
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self._request.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if not self._request._disconnected:
+            self._request.unregisterProducer()
+
+    def end(self) -> None:
+        if not self._request._disconnected and not self._request.finished:
+            self._request.finish()
+
+    def cut(self) -> None:
+        channel = self._request.channel
+        if channel is not None:
+            channel.loseConnection()
+
+
+class StreamResource(JsonResource):
+    """``/stream/:id``: read a stream (GET) or produce it (POST)."""
+
+    isLeaf = True
+
+    def __init__(self, app: LoomApp, raw_id: bytes | None):
+        super().__init__()
+        self._app = app
+        self._raw_id = raw_id
+
+    def render(self, request):
+        if request.postpath:
+            # /stream/x/ or /stream/x/y: not a stream.
+            request.setHeader(b"Server", SERVER_HEADER)
+            write_error(request, NotFound("There is no such route."))
+            return NOT_DONE_YET
+        return super().render(request)
+
+    def render_POST(self, request):
+        stream_id = None if self._raw_id is None else validate_id(self._raw_id)
+        force = query_flag(request, b"force")
+        _, metadata_json = parse_metadata(
+            request.getHeader(b"x-stream-metadata"), self._app.max_metadata_bytes
+        )
+        ingest = Ingest(request, self._app.store, self._app.producer_idle_timeout)
+        return render_async(request, lambda: ingest.run(stream_id, metadata_json, force))
+
+    def render_GET(self, request):
+        if self._raw_id is None:
+            raise MethodNotAllowed("GET", ["POST"])
+        stream_id = validate_id(self._raw_id)
+        notail = query_flag(request, b"notail")
+        handle = self._app.store.open(stream_id)
+        request.stream_id = stream_id
+        finite = handle.live is None or notail
+        end = handle.size if finite else None
+        request.setHeader(b"Content-Type", b"application/octet-stream")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"X-Stream-Id", stream_id.encode("ascii"))
+        request.setHeader(b"X-Stream-Metadata", handle.metadata_json.encode("ascii"))
+        request.setHeader(b"X-Stream-State", handle.state.encode("ascii"))
+        if finite:
+            request.setHeader(b"Content-Length", b"%d" % end)
+        else:
+            request.setHeader(b"Cache-Control", b"no-cache")
+            request.setHeader(b"X-Accel-Buffering", b"no")  # tell proxies not to buffer
+        follower = Follower(handle, RequestSink(request), self._app.clock, end=end)
+        request.notifyFinish().addBoth(lambda _: follower.stop())
+        request.write(b"")  # headers now, even if no byte of the stream exists yet
+        follower.start()
+        return NOT_DONE_YET
+
+
+class StreamCollection(JsonResource):
+    """``/stream`` and ``/stream/``: POST creates a stream with a generated id."""
+
+    def __init__(self, app: LoomApp):
+        super().__init__()
+        self._app = app
+
+    def getChild(self, name, request):
+        if name == b"" and not request.postpath:
+            return StreamResource(self._app, None)
+        return StreamResource(self._app, name)
+
+    def render(self, request):
+        return StreamResource(self._app, None).render(request)
+
+
+class LoomApp:
+    """What the resources need: the store, the auth check, the limits, the clock."""
+
+    def __init__(
+        self,
+        store,
+        clock,
+        auth: BearerAuth,
+        max_metadata_bytes: int = 8192,
+        producer_idle_timeout: float | None = 3600.0,
+    ):
+        self.store = store
+        self.clock = clock
+        self.auth = auth
+        self.max_metadata_bytes = max_metadata_bytes
+        self.producer_idle_timeout = producer_idle_timeout
+
+
+class Root(JsonResource):
+    """``/``: checks the bearer token for every route, then dispatches."""
+
+    def __init__(self, app: LoomApp):
+        super().__init__()
+        self._app = app
+        self._routes = {b"stream": StreamCollection(app)}
+
+    def getChildWithDefault(self, name, request):
+        try:
+            self._app.auth.check(request)
+        except LoomError as e:
+            return ErrorResource(e)
+        if name == b"" and not request.postpath:
+            return self
+        route = self._routes.get(name)
+        if route is None:
+            return ErrorResource(NotFound("There is no such route."))
+        return route
+
+    def render_GET(self, request):
+        write_json(request, http.OK, {"service": "loom", "version": __version__})
+        return NOT_DONE_YET

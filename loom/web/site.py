@@ -1,0 +1,60 @@
+"""LoomSite: the HTTP factory, with Loom's channel, request, timeouts and access log."""
+
+from __future__ import annotations
+
+import re
+
+from twisted.logger import Logger
+from twisted.web import server
+
+from loom.web.ingest import LoomChannel, LoomRequest
+
+log = Logger(namespace="loom.access")
+
+# Query parameters whose values must never reach a log line.
+_SECRET_PARAMETER = re.compile(
+    rb"((?:^|&)(?:[^=&]*token[^=&]*|auth[^=&]*|key|secret|password)=)[^&]*", re.I
+)
+
+
+def redact_uri(uri: bytes) -> str:
+    """The URI as it may be logged: secrets in the query string replaced by ``***``."""
+    path, question, query = uri.partition(b"?")
+    if question:
+        query = _SECRET_PARAMETER.sub(rb"\1***", query)
+    return (path + question + query).decode("ascii", "backslashreplace")
+
+
+class LoomSite(server.Site):
+    """A Site whose channels stream request bodies and never offer HTTP/2.
+
+    ``idle_timeout`` closes idle keep-alive connections; it is replaced by the
+    producer idle timeout while a producer's body streams in.
+    """
+
+    requestFactory = LoomRequest
+    displayTracebacks = False
+
+    def __init__(self, resource, reactor, idle_timeout: float = 60.0):
+        super().__init__(resource, timeout=idle_timeout, reactor=reactor)
+
+    def protocol(self):
+        return LoomChannel()
+
+    def acceptableProtocols(self):
+        # HTTP/2 would break streaming uploads: offer HTTP/1.1 only over TLS.
+        return [b"http/1.1"]
+
+    def log(self, request, closed: bool = False):
+        """One line per request: never headers, and never a secret from the query."""
+        peer = request.getClientAddress()
+        log.info(
+            '{client} "{method} {uri}" {code} {sent}{how}{stream}',
+            client=getattr(peer, "host", "-"),
+            method=request.method.decode("ascii", "replace"),
+            uri=redact_uri(request.uri),
+            code=request.code,
+            sent=request.sentLength,
+            how=" (connection closed)" if closed else "",
+            stream=f" stream={request.stream_id}" if request.stream_id else "",
+        )

@@ -1,0 +1,32 @@
+from setuptools import setup
+
+from loom import __version__
+
+setup(
+    name="loom-streams",
+    version=__version__,
+    description="A small, sharp server for live data streams",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=["loom", "loom.web", "twisted.plugins"],
+    install_requires=[
+        # loom/web/ingest.py relies on HTTPChannel internals tested on 26.10.
+        "Twisted>=26.10,<27",
+        "treq>=24.9",
+        "PyYAML>=6.0",
+        "colorama>=0.4.6",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            # builds the wheel in the non-editable install test, without network
+            "wheel",
+        ],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+    ],
+)

@@ -1,0 +1,351 @@
+"""Test helpers: a Loom site on fakes, raw-byte clients, loopback servers and processes.
+
+Nothing here sleeps: every wait is on an event, with a timeout only as a
+guard against a hung test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol, ProcessProtocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from loom.config import Config
+from loom.service import LoomService
+from loom.store import DiskStore, InlineRunners, MemoryStore
+from loom.web.auth import BearerAuth
+from loom.web.resources import LoomApp, Root
+from loom.web.site import LoomSite
+
+REPO = Path(__file__).resolve().parent.parent
+GUARD_SECONDS = 30.0
+
+
+def guard(d: Deferred, seconds: float = GUARD_SECONDS) -> Deferred:
+    """Fail ``d`` instead of hanging forever if the event never comes."""
+    return d.addTimeout(seconds, reactor)
+
+
+# --- a site on fakes, fed raw bytes -------------------------------------------
+
+
+class FakeTCPTransport(StringTransport):
+    """StringTransport that can half-close, as a TCP transport can."""
+
+    write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+
+@dataclass
+class FakeSite:
+    """A real LoomSite on a Clock and a store with inline blocking work."""
+
+    clock: Clock
+    store: object
+    site: LoomSite
+    app: LoomApp
+
+    def connect(self, transport=None):
+        channel = self.site.buildProtocol(None)
+        transport = transport or FakeTCPTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+
+def make_fake_site(
+    store=None,
+    tokens: tuple[str, ...] = (),
+    clock: Clock | None = None,
+    data_dir: str | None = None,
+    fsync: str = "interval",
+    max_metadata_bytes: int = 8192,
+    producer_idle_timeout: float | None = 3600.0,
+    idle_timeout: float = 60.0,
+) -> FakeSite:
+    clock = clock or Clock()
+    if store is None:
+        if data_dir is not None:
+            store = DiskStore(data_dir, clock, InlineRunners(), fsync=fsync)
+        else:
+            store = MemoryStore(clock, fsync=fsync)
+    store.start()
+    app = LoomApp(
+        store,
+        clock,
+        BearerAuth(tokens),
+        max_metadata_bytes=max_metadata_bytes,
+        producer_idle_timeout=producer_idle_timeout,
+    )
+    site = LoomSite(Root(app), clock, idle_timeout=idle_timeout)
+    return FakeSite(clock, store, site, app)
+
+
+def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names; last wins) and raw body of the first response."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    while head.startswith(b"HTTP/1.1 100"):
+        head, _, body = body.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def dechunk(body: bytes) -> tuple[bytes, bool]:
+    """Decode a chunked body; also say whether the terminating chunk was seen."""
+    out, rest = bytearray(), body
+    while rest:
+        size_line, sep, rest = rest.partition(b"\r\n")
+        if not sep:
+            break
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return bytes(out), True
+        out += rest[:size]
+        rest = rest[size + 2 :]
+    return bytes(out), False
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# --- loopback clients -----------------------------------------------------------
+
+
+class RawClient(Protocol):
+    """A raw TCP client: send exact bytes, wait for what comes back."""
+
+    def __init__(self):
+        self.received = bytearray()
+        self.closed: Deferred = Deferred()
+        self._waiters: list[tuple[object, Deferred]] = []
+
+    def dataReceived(self, data):
+        self.received += data
+        self._check()
+
+    def connectionLost(self, reason):
+        self.reason = reason
+        self._check(final=True)
+        self.closed.callback(None)
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def wait_for(self, condition) -> Deferred:
+        """Fire when ``condition(received)`` is true, or with bytes: when they appear."""
+        if isinstance(condition, bytes):
+            needle = condition
+            condition = lambda received: needle in received  # noqa: E731
+        d = Deferred()
+        self._waiters.append((condition, d))
+        self._check()
+        return guard(d)
+
+    def _check(self, final: bool = False):
+        for item in list(self._waiters):
+            condition, d = item
+            if condition(bytes(self.received)):
+                self._waiters.remove(item)
+                d.callback(bytes(self.received))
+            elif final:
+                self._waiters.remove(item)
+                d.errback(AssertionError(f"connection closed; got {bytes(self.received)!r}"))
+
+
+async def raw_connect(port: int) -> RawClient:
+    client = RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    return client
+
+
+# --- in-process and subprocess servers -------------------------------------------
+
+
+@dataclass
+class RunningServer:
+    service: LoomService
+    data_dir: str
+
+    @property
+    def port(self) -> int:
+        return self.service.ports[0].getHost().port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def start_server(data_dir: str, **settings) -> RunningServer:
+    config = Config(
+        listen=("tcp:0:interface=127.0.0.1",), data_dir=str(data_dir), **settings
+    )
+    service = LoomService(config, reactor)
+    service.startService()
+    return RunningServer(service, str(data_dir))
+
+
+class _Collector(ProcessProtocol):
+    def __init__(self, on_line=None):
+        self.out = bytearray()
+        self.err = bytearray()
+        self.ended: Deferred = Deferred()
+        self.exit_code: int | None = None
+        self.exit_signal: int | None = None
+        self._line_waiters: list[tuple[re.Pattern, Deferred]] = []
+
+    def outReceived(self, data):
+        self.out += data
+        self._check()
+
+    def errReceived(self, data):
+        self.err += data
+        self._check()
+
+    def _check(self):
+        text = (self.out + self.err).decode("utf-8", "replace")
+        for item in list(self._line_waiters):
+            pattern, d = item
+            match = pattern.search(text)
+            if match:
+                self._line_waiters.remove(item)
+                d.callback(match)
+
+    def processEnded(self, reason):
+        self.exit_code = reason.value.exitCode
+        self.exit_signal = reason.value.signal
+        for pattern, d in self._line_waiters:
+            d.errback(AssertionError(
+                f"process ended before printing {pattern.pattern!r}:\n"
+                + (self.out + self.err).decode("utf-8", "replace")
+            ))
+        self._line_waiters = []
+        self.ended.callback(self)
+
+    def wait_for_output(self, pattern: str, seconds: float = GUARD_SECONDS) -> Deferred:
+        d = Deferred()
+        self._line_waiters.append((re.compile(pattern), d))
+        self._check()
+        return guard(d, seconds)
+
+
+def child_environment(**extra) -> dict[str, str]:
+    """The environment for child processes: this checkout first on the path, no LOOM_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Process:
+    """A child process run through the reactor (never blocking it)."""
+
+    protocol: _Collector
+    transport: object
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.transport.pid
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def close_stdin(self) -> None:
+        self.transport.closeStdin()
+
+    def signal(self, name: str) -> None:
+        self.transport.signalProcess(name)
+
+    async def wait(self, seconds: float = GUARD_SECONDS) -> _Collector:
+        return await guard(self.protocol.ended, seconds)
+
+    def text(self) -> str:
+        return (self.protocol.out + self.protocol.err).decode("utf-8", "replace")
+
+
+def spawn(argv: list[str], env: dict | None = None, cwd: str | None = None) -> Process:
+    protocol = _Collector()
+    transport = reactor.spawnProcess(
+        protocol, argv[0], argv, env=env or child_environment(), path=cwd
+    )
+    return Process(protocol, transport, argv)
+
+
+async def run(argv, env=None, cwd=None, stdin: bytes | None = None, seconds=GUARD_SECONDS):
+    """Run a command to completion; return (exit code, stdout, stderr)."""
+    process = spawn(argv, env, cwd)
+    if stdin is not None:
+        process.write(stdin)
+    process.close_stdin()
+    result = await process.wait(seconds)
+    return result.exit_code, bytes(result.out), bytes(result.err)
+
+
+# The twistd script of the environment running the tests, with this checkout on the path.
+TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; "
+          "sys.argv[0] = 'twistd'; run()"]
+
+
+@dataclass
+class ServerProcess:
+    """``twistd -n loom`` in a child process, on an ephemeral loopback port."""
+
+    process: Process
+    port: int
+    data_dir: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss_kib(self) -> int:
+        return _proc_status(self.process.pid, "VmRSS")
+
+    def peak_rss_kib(self) -> int:
+        return _proc_status(self.process.pid, "VmHWM")
+
+    async def stop(self, signal_name: str = "TERM") -> _Collector:
+        if self.process.protocol.exit_code is None and self.process.protocol.exit_signal is None:
+            self.process.signal(signal_name)
+        return await self.process.wait()
+
+
+def _proc_status(pid: int, field_name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise KeyError(field_name)
+
+
+async def start_server_process(data_dir: str, *args: str, cwd: str | None = None,
+                               env: dict | None = None) -> ServerProcess:
+    argv = TWISTD + ["--nodaemon", "--pidfile=", "loom", "--data-dir", str(data_dir),
+                     "--listen", "tcp:0:interface=127.0.0.1", *args]
+    process = spawn(argv, env=env, cwd=cwd or os.path.dirname(str(data_dir)))
+    match = await process.protocol.wait_for_output(r"Loom ready: .* listening on .*:(\d+)")
+    return ServerProcess(process, int(match.group(1)), str(data_dir))
+
+
+
+
+def json_body(body: bytes) -> dict:
+    return json.loads(body.decode("utf-8"))

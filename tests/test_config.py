@@ -1,0 +1,144 @@
+import pytest
+
+from loom.config import Config, load_config
+from loom.errors import ConfigError
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_listen_on_loopback_3060_with_data_in_dot_data():
+    """With nothing configured Loom listens on 127.0.0.1:3060 and stores in ./data."""
+    config = load_config().config
+    assert config == Config()
+    assert config.listen == ("tcp:3060:interface=127.0.0.1",)
+    assert config.data_dir == "./data"
+    assert config.tokens == ()
+    assert config.fsync == "interval" and config.fsync_interval == 1.0
+
+
+def test_original_service_keys_are_accepted(tmp_path):
+    """A config file of the original service works unchanged."""
+    path = write(tmp_path, "old.yml", (
+        "host: 0.0.0.0\nport: 4000\nstorageDataDir: /tmp/loom-data\n"
+        "storageCompress: false\nstorageTailTimeout: 30000\ntokens:\n  - token1\n  - token2\n"
+    ))
+    loaded = load_config([path])
+    assert loaded.config.listen == ("tcp:4000:interface=0.0.0.0",)
+    assert loaded.config.data_dir == "/tmp/loom-data"
+    assert loaded.config.tokens == ("token1", "token2")
+    assert any("storageTailTimeout" in w for w in loaded.warnings)
+
+
+def test_precedence_is_defaults_files_env_cli(tmp_path):
+    """Later files beat earlier ones, environment beats files, command line beats all."""
+    first = write(tmp_path, "a.yml", "port: 4001\nfsync: never\nstorageDataDir: /a\n")
+    second = write(tmp_path, "b.yml", "port: 4002\n")
+    assert load_config([first, second]).config.listen == ("tcp:4002:interface=127.0.0.1",)
+    env = {"LOOM_PORT": "4003", "LOOM_FSYNC": "always"}
+    config = load_config([first, second], env).config
+    assert config.listen == ("tcp:4003:interface=127.0.0.1",)
+    assert config.fsync == "always"
+    assert config.data_dir == "/a"
+    config = load_config([first, second], env, {"port": "4004"}).config
+    assert config.listen == ("tcp:4004:interface=127.0.0.1",)
+
+
+def test_host_and_port_fill_each_other_in_across_levels(tmp_path):
+    """A host from a file and a port from the command line combine."""
+    path = write(tmp_path, "a.yml", "host: 10.1.2.3\n")
+    assert load_config([path], {}, {"port": "5000"}).config.listen == (
+        "tcp:5000:interface=10.1.2.3",
+    )
+
+
+def test_listen_overrides_host_and_port_from_lower_levels(tmp_path):
+    """An explicit endpoint list at a higher level wins over host/port below it."""
+    path = write(tmp_path, "a.yml", "port: 4001\n")
+    config = load_config([path], {"LOOM_LISTEN": "unix:/tmp/l.sock, tcp:5001"}).config
+    assert config.listen == ("unix:/tmp/l.sock", "tcp:5001")
+    # ...and a port on the command line wins over a listen in a file.
+    path = write(tmp_path, "b.yml", "listen: [tcp:6000]\n")
+    assert load_config([path], {}, {"port": "6001"}).config.listen == (
+        "tcp:6001:interface=127.0.0.1",
+    )
+
+
+def test_listen_and_port_in_one_source_is_refused(tmp_path):
+    """Giving both listen and port in one file is ambiguous: a clear error."""
+    path = write(tmp_path, "a.yml", "port: 1\nlisten: tcp:2\n")
+    with pytest.raises(ConfigError, match="either listen or host/port"):
+        load_config([path])
+
+
+def test_ipv6_host_is_escaped_in_the_endpoint():
+    """An IPv6 interface becomes a valid endpoint string."""
+    assert load_config(cli={"host": "::1"}).config.listen == ("tcp:3060:interface=\\:\\:1",)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("prot: 3060\n", "unknown key 'prot'"),
+        ("port: 70000\n", "port: 70000 is out of range"),
+        ("port: abc\n", "port: expected a whole number"),
+        ("port: true\n", "port: expected a whole number"),
+        ("fsync: sometimes\n", "fsync: expected one of always, interval, never"),
+        ("fsyncInterval: 0\n", "fsyncInterval: must be greater than zero"),
+        ("tokens: [ok, 'has space']\n", "token #2 must be"),
+        ("tokens: secret\n", "expected a list of tokens"),
+        ("maxMetadataBytes: 1MiB\n", "out of range"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("port: [\n", "invalid YAML at line"),
+        ("x: !!python/object:os.system ls\n", "invalid YAML"),
+    ],
+)
+def test_bad_files_stop_with_one_line_naming_the_problem(tmp_path, text, message):
+    """Unknown keys, bad values and unsafe YAML are one-line errors naming file and key."""
+    path = write(tmp_path, "bad.yml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_config([path])
+    assert message in str(caught.value)
+    assert path in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path):
+    """A missing config file is named in the error."""
+    missing = str(tmp_path / "missing.yml")
+    with pytest.raises(ConfigError, match="missing.yml: cannot read it"):
+        load_config([missing])
+
+
+def test_bad_environment_value_names_the_variable():
+    """A bad LOOM_* value names the variable."""
+    with pytest.raises(ConfigError, match="environment: LOOM_PORT"):
+        load_config([], {"LOOM_PORT": "http"})
+
+
+def test_unknown_loom_variables_warn_but_client_ones_are_quiet():
+    """Unknown LOOM_* variables are reported as warnings; LOOM_TOKEN belongs to the CLI."""
+    loaded = load_config([], {"LOOM_PROT": "1", "LOOM_TOKEN": "t", "HOME": "/"})
+    assert loaded.warnings == ("ignoring unknown environment variable LOOM_PROT",)
+
+
+def test_durations_and_sizes_take_units(tmp_path):
+    """Durations and sizes accept human units."""
+    path = write(tmp_path, "a.yml", (
+        "producerIdleTimeout: 2h\nidleTimeout: 90s\nfsyncInterval: 250ms\n"
+        "maxMetadataBytes: 16KiB\n"
+    ))
+    config = load_config([path]).config
+    assert config.producer_idle_timeout == 7200
+    assert config.idle_timeout == 90
+    assert config.fsync_interval == 0.25
+    assert config.max_metadata_bytes == 16384
+    assert load_config([], {"LOOM_PRODUCER_IDLE_TIMEOUT": "0"}).config.producer_idle_timeout is None
+
+
+def test_tokens_from_environment_are_comma_separated():
+    """LOOM_TOKENS holds several tokens separated by commas."""
+    assert load_config([], {"LOOM_TOKENS": "a, b,c"}).config.tokens == ("a", "b", "c")

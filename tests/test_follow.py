@@ -1,0 +1,195 @@
+"""Follower: the push producer that sends a stream to one consumer."""
+
+import pytest
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from loom.follow import READ_SIZE, TURN_BUDGET, Follower
+from loom.store import MemoryStore
+from tests.test_store import result
+
+
+class Sink:
+    """Records what a follower does; pauses its producer past ``limit`` bytes if set."""
+
+    def __init__(self, limit=None):
+        self.data = bytearray()
+        self.writes = 0
+        self.ended = self.cut_off = False
+        self.producer = None
+        self.limit = limit
+
+    def write(self, data):
+        assert not (self.ended or self.cut_off)
+        self.data += data
+        self.writes += 1
+        if self.limit is not None and len(self.data) >= self.limit:
+            self.producer.pauseProducing()
+
+    def registerProducer(self, producer, streaming):
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def end(self):
+        self.ended = True
+
+    def cut(self):
+        self.cut_off = True
+
+
+@pytest.fixture
+def store():
+    store = MemoryStore(Clock())
+    store.start()
+    return store
+
+
+def run_pending(clock):
+    """Run the calls a follower scheduled to yield between turns."""
+    while clock.getDelayedCalls():
+        clock.advance(0)
+
+
+def finished_stream(store, stream_id, data):
+    stream = result(store.create(stream_id, "{}"))
+    stream.append(data)
+    result(stream.complete())
+
+
+def test_follower_is_a_push_producer(store):
+    """The follower provides IPushProducer."""
+    finished_stream(store, "s", b"x")
+    assert verifyObject(IPushProducer, Follower(store.open("s"), Sink(), Clock()))
+
+
+def test_finished_stream_is_sent_whole_then_ended_cleanly(store):
+    """A finished stream is sent completely, then the response ends cleanly."""
+    data = bytes(range(256)) * 2000
+    finished_stream(store, "s", data)
+    sink = Sink()
+    Follower(store.open("s"), sink, Clock(), end=len(data)).start()
+    assert bytes(sink.data) == data and sink.ended and sink.producer is None
+
+
+def test_paused_follower_writes_nothing_until_resumed(store):
+    """While its consumer is paused, a follower writes nothing, however much arrives."""
+    stream = result(store.create("s", "{}"))
+    sink, clock = Sink(limit=1), Clock()
+    follower = Follower(store.open("s"), sink, clock)
+    follower.start()
+    stream.append(b"a")  # fills the consumer: it pauses
+    assert bytes(sink.data) == b"a"
+    for _ in range(100):
+        stream.append(b"b" * 65536)
+    assert bytes(sink.data) == b"a" and sink.writes == 1
+    sink.limit = None
+    follower.resumeProducing()
+    run_pending(clock)
+    assert len(sink.data) == 1 + 100 * 65536
+    result(stream.complete())
+    assert sink.ended
+
+
+def test_live_stream_history_then_live_then_clean_end(store):
+    """A follower gets the history, then each new chunk as it is appended, then the end."""
+    stream = result(store.create("s", "{}"))
+    stream.append(b"history ")
+    sink = Sink()
+    follower = Follower(store.open("s"), sink, Clock())
+    follower.start()
+    assert bytes(sink.data) == b"history "
+    stream.append(b"live")
+    assert bytes(sink.data) == b"history live"
+    assert not sink.ended
+    result(stream.complete())
+    assert sink.ended and not sink.cut_off
+    assert stream.listener_count == 0
+
+
+def test_caught_up_follower_takes_chunks_from_memory(store, monkeypatch):
+    """A caught-up follower is handed fresh chunks without reading the file."""
+    stream = result(store.create("s", "{}"))
+    handle = store.open("s")
+    sink = Sink()
+    Follower(handle, sink, Clock()).start()
+    reads = []
+    monkeypatch.setattr(handle, "read", lambda *a: reads.append(a) or b"")
+    stream.append(b"fresh")
+    assert bytes(sink.data) == b"fresh" and reads == []
+
+
+def test_aborted_stream_is_drained_then_cut(store):
+    """When the producer vanishes, the follower still gets every byte, then a cut."""
+    stream = result(store.create("s", "{}"))
+    sink = Sink(limit=1)
+    follower = Follower(store.open("s"), sink, Clock())
+    follower.start()
+    stream.append(b"x" * 1000)
+    result(stream.abort())
+    assert not sink.cut_off  # still has bytes to send
+    sink.limit = None
+    follower.resumeProducing()
+    assert len(sink.data) == 1000 and sink.cut_off and not sink.ended
+
+
+@pytest.mark.parametrize("how", ["replace", "stop"])
+def test_replaced_or_interrupted_stream_cuts_at_once(store, how):
+    """When the data goes away (replace) or the server stops, followers are cut at once."""
+    stream = result(store.create("s", "{}"))
+    sink = Sink(limit=1)
+    Follower(store.open("s"), sink, Clock()).start()
+    stream.append(b"x" * 1000)
+    if how == "replace":
+        result(store.create("s", "{}", force=True))
+    else:
+        result(store.stop())
+    assert sink.cut_off and not sink.ended
+
+
+def test_notail_stops_at_the_size_when_opened(store):
+    """With an end offset, a follower of a live stream stops there and ends cleanly."""
+    stream = result(store.create("s", "{}"))
+    stream.append(b"now")
+    sink = Sink()
+    Follower(store.open("s"), sink, Clock(), end=3).start()
+    stream.append(b"later")
+    assert bytes(sink.data) == b"now" and sink.ended
+
+
+def test_stop_releases_the_follower(store):
+    """A consumer that leaves unsubscribes its follower; nothing more is written."""
+    stream = result(store.create("s", "{}"))
+    sink = Sink()
+    follower = Follower(store.open("s"), sink, Clock())
+    follower.start()
+    assert stream.listener_count == 1
+    follower.stopProducing()
+    assert stream.listener_count == 0
+    stream.append(b"after")
+    assert bytes(sink.data) == b""
+
+
+def test_a_consumer_that_never_pauses_does_not_starve_the_reactor(store):
+    """Without back-pressure, a follower sends at most a turn's budget, then yields."""
+    data = b"z" * (TURN_BUDGET * 3)
+    finished_stream(store, "s", data)
+    sink, clock = Sink(), Clock()
+    Follower(store.open("s"), sink, clock, end=len(data)).start()
+    assert len(sink.data) == TURN_BUDGET
+    assert sink.writes == TURN_BUDGET // READ_SIZE
+    clock.advance(0)
+    clock.advance(0)
+    assert bytes(sink.data) == data and sink.ended
+
+
+def test_file_shorter_than_recorded_is_cut_not_looped(store):
+    """If the data file holds fewer bytes than recorded, the response is cut."""
+    finished_stream(store, "s", b"abc")
+    handle = store.open("s")
+    sink = Sink()
+    Follower(handle, sink, Clock(), end=10).start()
+    assert bytes(sink.data) == b"abc" and sink.cut_off

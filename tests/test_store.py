@@ -1,0 +1,367 @@
+"""The store contract: DiskStore and MemoryStore pass the same tests."""
+
+import errno
+import os
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from loom.errors import StorageFailed, StreamCut, StreamExists, StreamNotFound
+from loom.store import (
+    ABORTED,
+    COMPLETE,
+    INTERRUPTED,
+    REPLACED,
+    DiskStore,
+    InlineRunners,
+    IStreamStore,
+    MemoryStore,
+    stream_id_of_storage,
+)
+
+
+class Stores:
+    """Makes a store of one kind and can 'restart' it over the same storage."""
+
+    def __init__(self, kind, tmp_path, fsync="interval"):
+        self.kind = kind
+        self.tmp_path = tmp_path
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.fsync = fsync
+        self._memory = ({}, {})
+
+    def make(self):
+        if self.kind == "disk":
+            store = DiskStore(str(self.tmp_path / "data"), self.clock, InlineRunners(),
+                              fsync=self.fsync)
+        else:
+            records, files = self._memory
+            store = MemoryStore(self.clock, fsync=self.fsync, records=records, files=files)
+        store.start()
+        return store
+
+
+@pytest.fixture(params=["disk", "memory"])
+def stores(request, tmp_path):
+    return Stores(request.param, tmp_path)
+
+
+def result(d):
+    """The result of a Deferred (or coroutine) that has already fired."""
+    if not isinstance(d, Deferred):
+        d = Deferred.fromCoroutine(d)
+    outcome = []
+    d.addBoth(outcome.append)
+    assert outcome, "the operation did not complete synchronously"
+    if hasattr(outcome[0], "raiseException"):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+def read_all(store, stream_id):
+    handle = store.open(stream_id)
+    try:
+        return handle.read(0, handle.size + 10)[: handle.size], handle.state
+    finally:
+        handle.close()
+
+
+class Listener:
+    def __init__(self):
+        self.grew = []
+        self.ended = []
+
+    def stream_grew(self, stream, start, chunk):
+        self.grew.append((start, chunk))
+
+    def stream_ended(self, stream):
+        self.ended.append(stream.outcome)
+
+
+def test_both_stores_provide_the_interface(stores):
+    """Each store provides IStreamStore."""
+    assert verifyObject(IStreamStore, stores.make())
+
+
+def test_create_append_complete_read(stores):
+    """Appended bytes are readable at once, and after completion with state complete."""
+    store = stores.make()
+    stream = result(store.create("s1", '{"a":1}'))
+    stream.append(b"hello ")
+    stream.append(b"world")
+    data, state = read_all(store, "s1")
+    assert (data, state) == (b"hello world", "live")
+    result(stream.complete())
+    assert stream.outcome == COMPLETE
+    handle = store.open("s1")
+    assert (handle.state, handle.size, handle.metadata_json) == ("complete", 11, '{"a":1}')
+    assert handle.live is None
+    handle.close()
+    assert read_all(store, "s1") == (b"hello world", "complete")
+
+
+def test_unknown_stream_is_not_found(stores):
+    """Opening an id that was never created raises StreamNotFound."""
+    with pytest.raises(StreamNotFound):
+        stores.make().open("nope")
+
+
+def test_taken_id_is_refused_live_or_finished(stores):
+    """A live or finished stream's id cannot be reused without force."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    with pytest.raises(StreamExists):
+        result(store.create("s1", "{}"))
+    result(stream.complete())
+    with pytest.raises(StreamExists):
+        result(store.create("s1", "{}"))
+    assert read_all(store, "s1") == (b"", "complete")
+
+
+def test_force_replaces_a_live_stream_and_cuts_it(stores):
+    """Force: the old live stream is cut (producer and followers), its data gone."""
+    store = stores.make()
+    old = result(store.create("s1", '{"v":1}'))
+    old.append(b"old data")
+    cuts, listener = [], Listener()
+    old.on_cut = cuts.append
+    old.subscribe(listener)
+    new = result(store.create("s1", '{"v":2}', force=True))
+    assert new.replaced
+    assert old.outcome == REPLACED and cuts == [REPLACED] and listener.ended == [REPLACED]
+    with pytest.raises(StreamCut):
+        old.append(b"more")
+    new.append(b"new")
+    result(new.complete())
+    handle = store.open("s1")
+    assert handle.metadata_json == '{"v":2}'
+    handle.close()
+    assert read_all(store, "s1") == (b"new", "complete")
+    # The old stream finishing late must not overwrite the new record.
+    with pytest.raises(StreamCut):
+        result(old.complete())
+    assert read_all(store, "s1") == (b"new", "complete")
+
+
+def test_force_replaces_a_finished_stream(stores):
+    """Force over a complete stream replaces it; without an old stream it just creates."""
+    store = stores.make()
+    first = result(store.create("s1", "{}"))
+    first.append(b"first")
+    result(first.complete())
+    second = result(store.create("s1", "{}", force=True))
+    assert second.replaced
+    result(second.complete())
+    assert read_all(store, "s1") == (b"", "complete")
+    fresh = result(store.create("s2", "{}", force=True))
+    assert not fresh.replaced
+
+
+def test_generated_ids_are_distinct(stores):
+    """Streams created without an id get distinct generated ids."""
+    store = stores.make()
+    ids = {result(store.create(None, "{}")).id for _ in range(40)}
+    assert len(ids) == 40
+
+
+def test_abort_keeps_what_arrived(stores):
+    """A producer that vanished leaves an aborted stream with every byte it sent."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"partial")
+    result(stream.abort())
+    assert read_all(store, "s1") == (b"partial", "aborted")
+
+
+def test_listeners_hear_growth_and_the_end(stores):
+    """Subscribers get each chunk with its offset, then the outcome."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    listener = Listener()
+    stream.subscribe(listener)
+    stream.append(b"ab")
+    stream.append(b"cde")
+    result(stream.complete())
+    assert listener.grew == [(0, b"ab"), (2, b"cde")]
+    assert listener.ended == [COMPLETE]
+
+
+def test_observers_hear_about_new_streams(stores):
+    """observe() reports every stream created afterwards until unobserve()."""
+    store = stores.make()
+    seen = []
+    store.observe(lambda stream: seen.append(stream.id))
+    result(store.create("a", "{}"))
+    store.unobserve(seen.append)  # not the registered callable: no effect
+    assert seen == ["a"]
+    assert store.observer_count == 1
+
+
+def test_restart_turns_live_streams_into_interrupted(stores):
+    """After a crash, a stream that was live is interrupted with the bytes that were stored."""
+    store = stores.make()
+    stream = result(store.create("s1", '{"k":"v"}'))
+    stream.append(b"before the crash")
+    done = result(store.create("s2", "{}"))
+    done.append(b"done")
+    result(done.complete())
+    restarted = stores.make()  # no stop(): as after kill -9
+    assert read_all(restarted, "s1") == (b"before the crash", "interrupted")
+    assert read_all(restarted, "s2") == (b"done", "complete")
+    handle = restarted.open("s1")
+    assert handle.metadata_json == '{"k":"v"}'
+    handle.close()
+
+
+def test_stop_interrupts_live_streams_and_cuts_producers(stores):
+    """stop(): live streams are synced and recorded interrupted; producers are cut."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"data")
+    cuts, listener = [], Listener()
+    stream.on_cut = cuts.append
+    stream.subscribe(listener)
+    result(store.stop())
+    assert cuts == [INTERRUPTED]
+    assert listener.ended == [INTERRUPTED]
+    assert stream.synced == 4
+    assert read_all(stores.make(), "s1") == (b"data", "interrupted")
+
+
+def test_interval_policy_syncs_live_streams_every_interval(stores):
+    """With fsync interval, unsynced bytes are synced when the interval passes."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"x" * 100)
+    assert stream.synced == 0
+    stores.clock.advance(1.0)
+    assert stream.synced == 100
+
+
+def test_appending_after_the_end_is_refused(stores):
+    """A completed stream accepts no more data."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    result(stream.complete())
+    with pytest.raises(StreamCut):
+        stream.append(b"late")
+    with pytest.raises(StreamCut):
+        result(stream.complete())
+
+
+def test_complete_waits_for_the_sync(stores):
+    """complete() does not record the stream complete before its data is synced."""
+    from loom.store import _StoreBase
+
+    class ManualRunners(InlineRunners):
+        def __init__(self):
+            self.pending = []
+
+        def io(self, f, *args):
+            d = Deferred()
+            self.pending.append((d, f, args))
+            return d
+
+    store = stores.make()
+    runners = ManualRunners()
+    store._runners = runners
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"abc")
+    finished = Deferred.fromCoroutine(stream.complete())
+    assert not finished.called and stream.outcome is None
+    d, f, args = runners.pending.pop()
+    d.callback(f(*args))
+    assert finished.called and stream.outcome == COMPLETE
+    assert isinstance(store, _StoreBase)
+
+
+def test_failed_sync_is_never_success(stores):
+    """If the final sync fails, complete() raises and the stream is recorded aborted."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"abc")
+
+    def broken_sync():
+        raise OSError(errno.EIO, "Input/output error")
+
+    stream.file.thd_sync = broken_sync
+    with pytest.raises(StorageFailed):
+        result(stream.complete())
+    assert stream.outcome == ABORTED
+    assert read_all(store, "s1") == (b"abc", "aborted")
+
+
+def test_storage_names_are_not_raw_ids_and_decode(tmp_path):
+    """Data files are named by an encoding of the id, never the id itself."""
+    clock = Clock()
+    store = DiskStore(str(tmp_path), clock, InlineRunners())
+    store.start()
+    stream = result(store.create("a.b", "{}"))
+    storage = stream.record.storage
+    assert "a.b" not in storage
+    assert stream_id_of_storage(storage) == "a.b"
+    path = store.data_path(storage)
+    assert os.path.exists(path.path) and path.path.startswith(str(tmp_path))
+
+
+def test_disk_replace_removes_the_old_file(tmp_path):
+    """A forced replace leaves no file of the old stream on disk."""
+    clock = Clock()
+    store = DiskStore(str(tmp_path), clock, InlineRunners())
+    store.start()
+    old = result(store.create("s1", "{}"))
+    old.append(b"old")
+    old_path = store.data_path(old.record.storage)
+    assert os.path.exists(old_path.path)
+    result(store.create("s1", "{}", force=True))
+    assert not os.path.exists(old_path.path)
+    files = [f for _, _, names in os.walk(tmp_path / "streams") for f in names]
+    assert len(files) == 1
+
+
+def test_disk_write_failure_keeps_exactly_the_bytes_written(tmp_path, monkeypatch):
+    """ENOSPC part-way through a chunk: the stream's size is what reached the file."""
+    clock = Clock()
+    store = DiskStore(str(tmp_path), clock, InlineRunners())
+    store.start()
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"12345")
+    real_write = os.write
+    calls = []
+
+    def short_then_full(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:3]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("loom.store.os.write", short_then_full)
+    with pytest.raises(StorageFailed, match="No space left"):
+        stream.append(b"abcdef")
+    monkeypatch.setattr("loom.store.os.write", real_write)
+    assert stream.size == 8
+    result(stream.abort())
+    assert read_all(store, "s1") == (b"12345abc", "aborted")
+
+
+def test_fsync_never_does_not_sync(tmp_path):
+    """With fsync: never, completing a stream issues no sync at all."""
+    stores = Stores("disk", tmp_path, fsync="never")
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"abc")
+    stream.file.thd_sync = lambda: pytest.fail("synced despite fsync: never")
+    stores.clock.advance(10)
+    result(stream.complete())
+    assert read_all(store, "s1") == (b"abc", "complete")
+
+
+def test_generated_ids_differ_across_restarts(tmp_path):
+    """A restarted store at the same instant still generates new, distinct ids."""
+    stores = Stores("disk", tmp_path)
+    first = {result(stores.make().create(None, "{}")).id for _ in range(5)}
+    second = {result(stores.make().create(None, "{}")).id for _ in range(5)}
+    assert len(first | second) == 10

@@ -1,0 +1,3 @@
+from twisted.application.service import ServiceMaker
+
+loom = ServiceMaker("loom", "loom.tap", "Loom: a server for live data streams", "loom")
