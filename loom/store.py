@@ -222,6 +222,9 @@ class LiveStream:
         self._listeners: list[StreamListener] = []
         self._syncing = False
         self._sync_waiters: list[Deferred] = []
+        # After a failed fsync the kernel may have dropped the dirty pages, and
+        # a later fsync can succeed without them: never trust this file again.
+        self._sync_failed = False
 
     def __repr__(self) -> str:
         return f"<LiveStream {self.id} size={self.size} outcome={self.outcome}>"
@@ -252,6 +255,9 @@ class LiveStream:
         running share the next round.
         """
         d: Deferred = Deferred()
+        if self._sync_failed:
+            d.errback(StorageFailed(f"syncing stream {self.id} failed earlier"))
+            return d
         if self.synced >= self.size and not self._syncing:
             d.callback(None)
             return d
@@ -275,15 +281,24 @@ class LiveStream:
                     stream_id=self.id,
                     error=result.getErrorMessage(),
                 )
+                self._sync_failed = True
                 failure = Failure(StorageFailed(f"syncing stream {self.id} failed"))
                 for waiter in waiters:
                     waiter.errback(failure)
+                if self.outcome is None and not self.closing and self.on_cut is not None:
+                    # Tell the producer now rather than at the end of its body.
+                    self.on_cut(ABORTED)
             else:
                 self.synced = max(self.synced, target)
                 for waiter in waiters:
                     waiter.callback(None)
             if self._sync_waiters:
-                self._start_sync()
+                if self._sync_failed:
+                    queued, self._sync_waiters = self._sync_waiters, []
+                    for waiter in queued:
+                        waiter.errback(StorageFailed(f"syncing stream {self.id} failed"))
+                else:
+                    self._start_sync()
 
         self._store._runners.io(self.file.thd_sync).addBoth(done)
 

@@ -39,6 +39,22 @@ def guard(d: Deferred, seconds: float = GUARD_SECONDS) -> Deferred:
 # --- a site on fakes, fed raw bytes -------------------------------------------
 
 
+class ManualRunners(InlineRunners):
+    """Catalog work inline, but file syncs wait until the test runs them."""
+
+    def __init__(self):
+        self.pending = []
+
+    def io(self, f, *args):
+        d = Deferred()
+        self.pending.append((d, f, args))
+        return d
+
+    def run_next(self):
+        d, f, args = self.pending.pop(0)
+        d.callback(f(*args))
+
+
 class FakeTCPTransport(StringTransport):
     """StringTransport that can half-close, as a TCP transport can."""
 

@@ -9,6 +9,7 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from loom.errors import StorageFailed, StreamCut, StreamExists, StreamNotFound
+from tests.helpers import ManualRunners
 from loom.store import (
     ABORTED,
     COMPLETE,
@@ -256,15 +257,6 @@ def test_complete_waits_for_the_sync(stores):
     """complete() does not record the stream complete before its data is synced."""
     from loom.store import _StoreBase
 
-    class ManualRunners(InlineRunners):
-        def __init__(self):
-            self.pending = []
-
-        def io(self, f, *args):
-            d = Deferred()
-            self.pending.append((d, f, args))
-            return d
-
     store = stores.make()
     runners = ManualRunners()
     store._runners = runners
@@ -272,8 +264,7 @@ def test_complete_waits_for_the_sync(stores):
     stream.append(b"abc")
     finished = Deferred.fromCoroutine(stream.complete())
     assert not finished.called and stream.outcome is None
-    d, f, args = runners.pending.pop()
-    d.callback(f(*args))
+    runners.run_next()
     assert finished.called and stream.outcome == COMPLETE
     assert isinstance(store, _StoreBase)
 
@@ -365,3 +356,27 @@ def test_generated_ids_differ_across_restarts(tmp_path):
     first = {result(stores.make().create(None, "{}")).id for _ in range(5)}
     second = {result(stores.make().create(None, "{}")).id for _ in range(5)}
     assert len(first | second) == 10
+
+
+def test_a_failed_background_sync_poisons_the_stream(stores):
+    """After a failed interval sync the producer is told at once and nothing is trusted later."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    cuts = []
+    stream.on_cut = cuts.append
+    stream.append(b"abc")
+    calls = []
+
+    def fail_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+
+    stream.file.thd_sync = fail_once
+    stores.clock.advance(1.0)
+    assert cuts == [ABORTED]
+    # A later sync would "succeed", but the data may be gone: still a failure.
+    with pytest.raises(StorageFailed):
+        result(stream.complete())
+    assert len(calls) == 1
+    assert read_all(store, "s1")[1] == "aborted"

@@ -29,6 +29,7 @@ from twisted.web import http, server
 
 from loom.errors import StorageFailed, StreamCut
 from loom.store import LiveStream
+from loom.web.responses import answer_failure
 
 log = Logger()
 
@@ -213,6 +214,11 @@ class LoomRequest(server.Request):
         # Not http.parse_qs: it drops bare flags such as the original "?notail".
         self.args = parse_qs(query, keep_blank_values=True) if query else {}
 
+    def processingFailed(self, reason):
+        # An unexpected exception while rendering: JSON 500 (or an abort if
+        # the response has begun), never twisted.web's HTML traceback page.
+        answer_failure(self, reason)
+
     def finish(self):
         if self.dispatched_early and not self.body_done and self.channel is not None:
             self.channel.refuse_further_requests()
@@ -367,12 +373,12 @@ class Ingest:
         self._channel.abort()
 
     def _cut(self, outcome: str) -> None:
-        """The store ended the stream under us (replaced, deleted, shutting down)."""
-        if not self._failed:
-            self._failed = True
-            log.info(
-                "stream {stream_id} {outcome}: disconnecting its producer",
-                stream_id=self._stream.id,
-                outcome=outcome,
-            )
-            self._channel.abort()
+        """The store ended the stream under us (replaced, deleted, shutting down, failed)."""
+        if self._failed:
+            return
+        log.info(
+            "stream {stream_id} {outcome}: disconnecting its producer",
+            stream_id=self._stream.id,
+            outcome=outcome,
+        )
+        self._fail(None)

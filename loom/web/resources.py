@@ -6,12 +6,9 @@ methods; ``render_async`` is the one place a coroutine meets a request.
 
 from __future__ import annotations
 
-import json
 from typing import Awaitable, Callable
 
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.logger import Logger
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -23,50 +20,9 @@ from loom.ids import validate_id
 from loom.metadata import parse_metadata
 from loom.web.auth import BearerAuth
 from loom.web.ingest import Ingest
-
-log = Logger()
+from loom.web.responses import answer_failure, write_error, write_json
 
 SERVER_HEADER = f"Loom/{__version__}".encode("ascii")
-
-
-# --- answering ------------------------------------------------------------------
-
-
-def write_json(request, status: int, document: dict, headers: dict | None = None) -> None:
-    """Answer with a complete JSON document and finish the request."""
-    body = json.dumps(document, ensure_ascii=True).encode("ascii") + b"\n"
-    request.setResponseCode(status)
-    for name, value in (headers or {}).items():
-        request.setHeader(name.encode("ascii"), value.encode("ascii"))
-    request.setHeader(b"Content-Type", b"application/json")
-    request.setHeader(b"Content-Length", b"%d" % len(body))
-    request.write(body)
-    request.finish()
-
-
-def write_error(request, error: LoomError) -> None:
-    write_json(request, error.status, {"error": error.message}, error.headers)
-
-
-def answer_failure(request, failure: Failure) -> None:
-    """Turn a handler's failure into the right answer, whatever state the request is in."""
-    if request._disconnected or request.finished:
-        if not failure.check(LoomError, CancelledError):
-            log.failure("request failed after its client left", failure)
-        return
-    if request.startedWriting:
-        # Too late for a status code: the client must see a broken response.
-        if not failure.check(LoomError):
-            log.failure("request failed while responding", failure)
-        request.channel.abort()
-        return
-    if failure.check(LoomError):
-        write_error(request, failure.value)
-        return
-    log.failure("unexpected error handling {method} {uri}", failure,
-                method=request.method, uri=request.uri)
-    write_json(request, http.INTERNAL_SERVER_ERROR,
-               {"error": "Loom hit an unexpected error; it has been logged."})
 
 
 def render_async(request, handler: Callable[[], Awaitable[None]]) -> int:

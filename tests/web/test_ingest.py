@@ -10,10 +10,9 @@ import os
 import pytest
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
-from twisted.internet.defer import Deferred
 
-from loom.store import ABORTED, COMPLETE, InlineRunners
-from tests.helpers import chunk, dechunk, json_body, make_fake_site, parse_response
+from loom.store import ABORTED, COMPLETE
+from tests.helpers import ManualRunners, chunk, dechunk, json_body, make_fake_site, parse_response
 from tests.test_store import read_all
 
 POST_CHUNKED = (
@@ -257,23 +256,13 @@ def test_storage_failure_after_201_aborts_the_producer(fake, monkeypatch):
 def test_fsync_always_stops_reading_until_the_chunk_is_synced(tmp_path):
     """With fsync: always the producer is not read from while a sync is outstanding."""
 
-    class ManualSync(InlineRunners):
-        def __init__(self):
-            self.pending = []
-
-        def io(self, f, *args):
-            d = Deferred()
-            self.pending.append((d, f, args))
-            return d
-
     fake = make_fake_site(data_dir=str(tmp_path), fsync="always")
-    runners = ManualSync()
+    runners = ManualRunners()
     fake.store._runners = runners
     channel, transport = fake.connect()
     channel.dataReceived(post() + chunk(b"one"))
     assert transport.producerState == "paused" and len(runners.pending) == 1
-    d, f, args = runners.pending.pop()
-    d.callback(f(*args))
+    runners.run_next()
     assert transport.producerState == "producing"
     stream = fake.store.live_streams()[0]
     assert stream.synced == 3
@@ -308,3 +297,29 @@ def test_unknown_routes_and_methods_are_json(fake):
     channel, transport = fake.connect()
     channel.dataReceived(b"GET /stream/x/ HTTP/1.1\r\nHost: x\r\n\r\n")
     assert parse_response(transport.value())[0] == 404
+
+
+def test_failed_background_sync_aborts_the_producer(fake):
+    """A failed interval fsync aborts the producer's connection and records the stream aborted."""
+    channel, transport = fake.connect()
+    channel.dataReceived(post() + chunk(b"data"))
+    stream = fake.store.live_streams()[0]
+
+    def broken():
+        raise OSError(errno.EIO, "Input/output error")
+
+    stream.file.thd_sync = broken
+    fake.clock.advance(1.0)
+    assert transport.disconnected
+    channel.connectionLost(GONE)
+    assert read_all(fake.store, "s1") == (b"data", ABORTED)
+
+
+def test_unexpected_errors_are_json_500(fake, monkeypatch):
+    """A bug while rendering gives a JSON 500, not an HTML traceback page."""
+    monkeypatch.setattr(fake.store, "open", lambda stream_id: 1 / 0)
+    channel, transport = fake.connect()
+    channel.dataReceived(b"GET /stream/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = parse_response(transport.value())
+    assert status == 500 and headers["content-type"] == "application/json"
+    assert b"Traceback" not in body and "error" in json_body(body)
