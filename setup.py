@@ -17,6 +17,12 @@ setup(
         "PyYAML>=6.0",
         "colorama>=0.4.6",
     ],
+    entry_points={
+        "console_scripts": [
+            "loom-stream = loom.cli:stream_main",
+            "loom-spy = loom.cli:spy_main",
+        ],
+    },
     extras_require={
         "test": [
             "pytest>=8",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -109,11 +109,14 @@ class LoomService(MultiService):
 
     def stopService(self) -> Deferred:
         """Stop listening, then interrupt live streams and close the store."""
+        if not self.running:
+            return succeed(None)
         super().stopService()
 
         async def stop():
             await self._stop_listening()
             await self.store.stop()
+            await self.site.close_connections()
             log.info("Loom stopped")
 
         return Deferred.fromCoroutine(stop())

@@ -464,6 +464,7 @@ class _StoreBase:
         self._new_id = IdGenerator(clock)
         self._sync_loop: LoopingCall | None = None
         self._sync_round: Deferred | None = None
+        self._stopped = False
 
     # life cycle
 
@@ -476,6 +477,9 @@ class _StoreBase:
             self._sync_loop.start(self._fsync_interval, now=False)
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         if self._sync_loop is not None and self._sync_loop.running:
             self._sync_loop.stop()
         if self._sync_round is not None:

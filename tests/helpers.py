@@ -365,3 +365,52 @@ async def start_server_process(data_dir: str, *args: str, cwd: str | None = None
 
 def json_body(body: bytes) -> dict:
     return json.loads(body.decode("utf-8"))
+
+
+def make_tls_files(directory) -> tuple[str, str]:
+    """A self-signed certificate for localhost and 127.0.0.1: (key path, certificate path)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        ), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_path = os.path.join(str(directory), "key.pem")
+    cert_path = os.path.join(str(directory), "cert.pem")
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.TraditionalOpenSSL,
+                                  serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+async def start_producer(port: int, stream_id: bytes, first: bytes = b"",
+                         headers: bytes = b"") -> RawClient:
+    """A raw producer that has sent its headers (and ``first``) and received its 201."""
+    producer = await raw_connect(port)
+    producer.send(b"POST /stream/" + stream_id + b" HTTP/1.1\r\nHost: x\r\n"
+                  b"Transfer-Encoding: chunked\r\n" + headers + b"\r\n"
+                  + (chunk(first) if first else b""))
+    await producer.wait_for(b"201 Created")
+    return producer

@@ -6,9 +6,10 @@ import time
 import pytest
 import pytest_twisted
 import treq
+from twisted.web.client import ResponseFailed
 from twisted.internet.defer import Deferred, gatherResults
 
-from tests.helpers import chunk, guard, raw_connect, run, spawn, start_server
+from tests.helpers import chunk, guard, raw_connect, run, spawn, start_server, start_producer
 
 CURL = ["/usr/bin/curl", "--silent", "--show-error"]
 
@@ -65,9 +66,7 @@ async def test_201_arrives_while_the_body_is_still_open(server):
 @pytest_twisted.ensureDeferred
 async def test_live_chunks_reach_a_follower_within_tens_of_milliseconds(server):
     """Each chunk a producer sends reaches a live follower within tens of milliseconds."""
-    producer = await raw_connect(server.port)
-    producer.send(b"POST /stream/fast HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
-    await producer.wait_for(b"201 Created")
+    producer = await start_producer(server.port, b"fast")
     follower = Follow()
     await follower.start(server.url + "/stream/fast")
     delays = []
@@ -162,10 +161,7 @@ async def test_duplicate_large_upload_gets_409_not_a_reset(server, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_curl_follower_exits_non_zero_when_the_producer_vanishes(server):
     """A follower of a stream whose producer disconnects gets its bytes and a failed transfer."""
-    producer = await raw_connect(server.port)
-    producer.send(b"POST /stream/gone HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                  + chunk(b"some data"))
-    await producer.wait_for(b"201 Created")
+    producer = await start_producer(server.port, b"gone", b"some data")
     follower = Follow()
     await follower.start(server.url + "/stream/gone")
     await follower.until(9)
@@ -174,7 +170,7 @@ async def test_curl_follower_exits_non_zero_when_the_producer_vanishes(server):
     producer.transport.abortConnection()
     result = await curl.wait()
     assert result.exit_code == 18 and bytes(result.out) == b"some data"
-    with pytest.raises(Exception):
+    with pytest.raises(ResponseFailed):
         await guard(follower.done)
     status = await treq.get(server.url + "/stream/gone?notail")
     assert status.headers.getRawHeaders("x-stream-state") == ["aborted"]
@@ -184,10 +180,7 @@ async def test_curl_follower_exits_non_zero_when_the_producer_vanishes(server):
 @pytest_twisted.ensureDeferred
 async def test_force_replace_ends_old_followers_and_removes_old_bytes(server):
     """Force-replacing a live stream cuts its producer and followers; only new bytes remain."""
-    producer = await raw_connect(server.port)
-    producer.send(b"POST /stream/r HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                  + chunk(b"old bytes"))
-    await producer.wait_for(b"201 Created")
+    producer = await start_producer(server.port, b"r", b"old bytes")
     follower = Follow()
     await follower.start(server.url + "/stream/r")
     await follower.until(9)
@@ -196,7 +189,7 @@ async def test_force_replace_ends_old_followers_and_removes_old_bytes(server):
     assert response.headers.getRawHeaders("x-stream-replaced") == ["true"]
     await response.content()
     await producer.closed  # the old producer was cut off
-    with pytest.raises(Exception):
+    with pytest.raises(ResponseFailed):
         await guard(follower.done)  # the old follower did not get a clean end
     body = await (await treq.get(server.url + "/stream/r")).content()
     assert body == b"new bytes"

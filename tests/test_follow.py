@@ -49,8 +49,8 @@ def store():
 
 
 def run_pending(clock):
-    """Run the calls a follower scheduled to yield between turns."""
-    while clock.getDelayedCalls():
+    """Run the calls scheduled for now (a producer yielding between turns)."""
+    while any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls()):
         clock.advance(0)
 
 

@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from tests.helpers import (
+    start_producer,
     REPO,
     TWISTD,
     chunk,
@@ -73,10 +74,7 @@ async def test_stalled_consumer_costs_no_memory(tmp_path):
     """200 MiB flow into a stream a consumer stopped reading: server RSS grows < 20 MiB."""
     server = await start_server_process(tmp_path / "data")
     try:
-        producer = await raw_connect(server.port)
-        producer.send(b"POST /stream/big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                      + chunk(b"start\n"))
-        await producer.wait_for(b"201 Created")
+        producer = await start_producer(server.port, b"big", b"start\n")
         stalled = await raw_connect(server.port)
         stalled.send(b"GET /stream/big HTTP/1.1\r\nHost: x\r\n\r\n")
         await stalled.wait_for(b"start\n")
@@ -104,10 +102,8 @@ async def test_kill_9_then_restart_keeps_every_byte_and_interrupts_live_streams(
     """After SIGKILL, a restarted server has every byte a follower saw; the stream is interrupted."""
     data_dir = tmp_path / "data"
     server = await start_server_process(data_dir)
-    producer = await raw_connect(server.port)
-    producer.send(b"POST /stream/crash HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                  b'X-Stream-Metadata: {"job": 7}\r\n\r\n')
-    await producer.wait_for(b"201 Created")
+    producer = await start_producer(server.port, b"crash",
+                                    headers=b'X-Stream-Metadata: {"job": 7}\r\n')
     follower = Follow()
     await follower.start(server.url + "/stream/crash")
     sent = b""
@@ -135,10 +131,7 @@ async def test_sigterm_interrupts_live_streams_and_cuts_followers(tmp_path):
     """SIGTERM: exit within 5 s, live streams interrupted with all bytes, followers cut."""
     data_dir = tmp_path / "data"
     server = await start_server_process(data_dir)
-    producer = await raw_connect(server.port)
-    producer.send(b"POST /stream/term HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                  + chunk(b"before term\n"))
-    await producer.wait_for(b"201 Created")
+    producer = await start_producer(server.port, b"term", b"before term\n")
     curl = spawn(CURL + ["--no-buffer", server.url + "/stream/term"])
     await curl.protocol.wait_for_output("before term")
     server.process.signal("TERM")
@@ -249,8 +242,8 @@ async def test_defaults_serve_127_0_0_1_3060_with_data_in_dot_data(tmp_path):
 
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
-async def test_non_editable_install_exposes_the_twistd_plugin(tmp_path):
-    """``pip install .`` (not editable) makes ``twistd loom --help`` list Loom's options."""
+async def test_non_editable_install_exposes_the_plugin_and_scripts(tmp_path):
+    """``pip install .`` (not editable): ``twistd loom --help`` and the console scripts work."""
     venv = tmp_path / "venv"
     code, out, err = await run([sys.executable, "-m", "venv", str(venv)], seconds=120)
     assert code == 0, err
@@ -275,3 +268,8 @@ async def test_non_editable_install_exposes_the_twistd_plugin(tmp_path):
         [str(venv / "bin" / "python"), "-c", "import loom, sys; print(loom.__file__)"],
         env=env, cwd=str(tmp_path))
     assert str(venv) in out.decode()
+    # The console scripts are the same code as bin/stream and bin/spy.
+    for script, marker in (("loom-stream", b"exit status"), ("loom-spy", b"--no-color")):
+        code, out, err = await run([str(venv / "bin" / script), "--help"], env=env,
+                                   cwd=str(tmp_path))
+        assert code == 0 and marker in out, err

@@ -50,6 +50,7 @@ class LoomChannel(http.HTTPChannel):
     def connectionMade(self):
         # Site.buildProtocol set timeOut to the keep-alive idle timeout.
         self.idle_timeout = self.timeOut
+        self.site.channels.add(self)
         super().connectionMade()
 
     # Once a request was answered before its body ended, nothing more the
@@ -149,6 +150,7 @@ class LoomChannel(http.HTTPChannel):
             self._linger_call.cancel()
         self._linger_call = None
         super().connectionLost(reason)
+        self.site.channel_closed(self)
 
     def abort(self) -> None:
         """Drop the connection at once: the client must not mistake this for a clean end."""

@@ -1,4 +1,4 @@
-"""The resource tree: ``/stream``, ``/stream/:id`` (and, later, ``/spy``).
+"""The resource tree: ``/stream``, ``/stream/:id`` and ``/spy``.
 
 Every error is JSON ``{"error": "..."}``. Handlers are plain or ``async``
 methods; ``render_async`` is the one place a coroutine meets a request.
@@ -18,6 +18,7 @@ from loom.errors import BadRequest, LoomError, MethodNotAllowed, NotFound
 from loom.follow import Follower
 from loom.ids import validate_id
 from loom.metadata import parse_metadata
+from loom.spy import Spy
 from loom.web.auth import BearerAuth
 from loom.web.ingest import Ingest
 from loom.web.responses import answer_failure, write_error, write_json
@@ -161,6 +162,29 @@ class StreamResource(JsonResource):
         return NOT_DONE_YET
 
 
+class SpyResource(JsonResource):
+    """``/spy``: every live stream, line by line; ``?color`` paints each stream."""
+
+    isLeaf = True
+
+    def __init__(self, app: LoomApp):
+        super().__init__()
+        self._app = app
+
+    def render_GET(self, request):
+        if request.postpath:
+            raise NotFound("There is no such route.")
+        color = query_flag(request, b"color")
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        spy = Spy(self._app.store, RequestSink(request), self._app.clock, color=color)
+        request.notifyFinish().addBoth(lambda _: spy.stop())
+        request.write(b"")  # headers at once, even with no stream to show yet
+        spy.start()
+        return NOT_DONE_YET
+
+
 class StreamCollection(JsonResource):
     """``/stream`` and ``/stream/``: POST creates a stream with a generated id."""
 
@@ -201,7 +225,7 @@ class Root(JsonResource):
     def __init__(self, app: LoomApp):
         super().__init__()
         self._app = app
-        self._routes = {b"stream": StreamCollection(app)}
+        self._routes = {b"stream": StreamCollection(app), b"spy": SpyResource(app)}
 
     def getChildWithDefault(self, name, request):
         try:

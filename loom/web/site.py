@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web import server
 
@@ -37,9 +38,43 @@ class LoomSite(server.Site):
 
     def __init__(self, resource, reactor, idle_timeout: float = 60.0):
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
+        self.channels: set[LoomChannel] = set()
 
     def protocol(self):
         return LoomChannel()
+
+    async def close_connections(self, grace: float = 2.0) -> None:
+        """Close every open connection (on shutdown); none of them ends cleanly.
+
+        Each gets ``grace`` seconds to flush what was already written to it;
+        connections still open then (a client that stopped reading) are aborted.
+        """
+        if not self.channels:
+            return
+        closed = Deferred()
+
+        def check():
+            if not self.channels and not closed.called:
+                closed.callback(None)
+
+        self._on_channel_closed = check
+        for channel in list(self.channels):
+            channel.loseConnection()
+        timer = self.reactor.callLater(grace, lambda: closed.called or closed.callback(None))
+        check()
+        await closed
+        if timer.active():
+            timer.cancel()
+        self._on_channel_closed = None
+        for channel in list(self.channels):
+            channel.abort()
+
+    _on_channel_closed = None
+
+    def channel_closed(self, channel: LoomChannel) -> None:
+        self.channels.discard(channel)
+        if self._on_channel_closed is not None:
+            self._on_channel_closed()
 
     def acceptableProtocols(self):
         # HTTP/2 would break streaming uploads: offer HTTP/1.1 only over TLS.

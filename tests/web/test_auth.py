@@ -16,6 +16,8 @@ REQUESTS = [
     b"GET /nowhere HTTP/1.1\r\nHost: x\r\n%s\r\n",
     b"GET //stream/s1 HTTP/1.1\r\nHost: x\r\n%s\r\n",
     b"GET /%73tream/s1 HTTP/1.1\r\nHost: x\r\n%s\r\n",
+    b"GET /spy HTTP/1.1\r\nHost: x\r\n%s\r\n",
+    b"GET /spy?color HTTP/1.1\r\nHost: x\r\n%s\r\n",
 ]
 
 

@@ -1,0 +1,372 @@
+"""The command-line tools: ``loom-stream`` (bin/stream) and ``loom-spy`` (bin/spy).
+
+Only the ``*_main`` entry functions touch the global reactor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Callable
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from loom.client import (
+    CannotConnect,
+    Created,
+    LoomClient,
+    LoomClientError,
+    ServerAborted,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANNOT_CONNECT, EXIT_ABORTED = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+
+
+def _say(program: str, message: str) -> None:
+    sys.stderr.write(f"{program}: {message}\n")
+    sys.stderr.flush()
+
+
+def _trust_root(path: str | None):
+    if path is None:
+        return None
+    from twisted.internet.ssl import Certificate
+
+    with open(path, "rb") as f:
+        return Certificate.loadPEM(f.read())
+
+
+# --- loom-stream ---------------------------------------------------------------------
+
+STREAM_HELP = """\
+Send standard input to a Loom server as a live stream, line by line as it arrives.
+
+examples:
+  make 2>&1 | loom-stream http://localhost:3060 build-42
+  ./deploy.sh | loom-stream https://loom.example.com --token "$LOOM_TOKEN" -m job=deploy -m env=prod
+  tail -f app.log | loom-stream http://localhost:3060 app-log --force --tee
+
+The stream id is optional: without one the server picks it and it is printed
+on standard error as soon as the stream exists. Ctrl-C ends the stream cleanly
+(everything read so far is stored) and exits with status 130.
+
+exit status:
+  0  the server stored the whole stream
+  1  the server refused it (exists, unauthorized, bad metadata, ...)
+  2  bad command line
+  3  the server could not be reached
+  4  the server aborted the stream before it was complete
+  130  interrupted by Ctrl-C (the stream was ended cleanly)
+"""
+
+
+def _stream_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loom-stream",
+        description=STREAM_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("server", help="the server's base URL, e.g. http://localhost:3060")
+    parser.add_argument("stream_id", nargs="?", help="the stream's id (default: the server picks one)")
+    parser.add_argument("--force", action="store_true", help="replace the stream if it exists")
+    parser.add_argument("--meta", metavar="JSON", help="metadata as a JSON object")
+    parser.add_argument("-m", dest="fields", action="append", default=[], metavar="KEY=VALUE",
+                        help="one metadata field (repeatable; added to --meta)")
+    parser.add_argument("--token", default=os.environ.get("LOOM_TOKEN"),
+                        help="bearer token (default: $LOOM_TOKEN)")
+    parser.add_argument("--cacert", metavar="FILE",
+                        help="trust this PEM certificate for https (default: the system's)")
+    parser.add_argument("--tee", action="store_true",
+                        help="also copy standard input to standard output")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="print nothing but errors")
+    return parser
+
+
+def _metadata(parser, args) -> dict | None:
+    metadata = None
+    if args.meta is not None:
+        try:
+            metadata = json.loads(args.meta)
+        except ValueError as e:
+            parser.error(f"--meta is not valid JSON: {e}")
+        if not isinstance(metadata, dict):
+            parser.error("--meta must be a JSON object")
+    for field in args.fields:
+        key, sep, value = field.partition("=")
+        if not sep or not key:
+            parser.error(f"-m takes KEY=VALUE, not {field!r}")
+        metadata = metadata or {}
+        metadata[key] = value
+    return metadata
+
+
+@implementer(IBodyProducer)
+class StdinBody:
+    """The request body fed from standard input, chunk by chunk as it is read."""
+
+    length = UNKNOWN_LENGTH
+
+    def __init__(self, tee: Callable[[bytes], None] | None = None):
+        self.stdio = None
+        self._tee = tee
+        self._consumer = None
+        self._held: list[bytes] = []
+        self._ended = False
+        self._stopped = False
+        self._finished: Deferred = Deferred()
+
+    def startProducing(self, consumer) -> Deferred:
+        self._consumer = consumer
+        held, self._held = self._held, []
+        for data in held:
+            consumer.write(data)
+        if self._ended:
+            self._finished.callback(None)
+        elif self.stdio is not None:
+            self.stdio.resumeProducing()
+        return self._finished
+
+    def received(self, data: bytes) -> None:
+        if self._tee is not None:
+            self._tee(data)
+        if self._stopped:
+            return
+        if self._consumer is None:
+            # Not connected yet: hold this read, read no more until we are.
+            self._held.append(data)
+            self.stdio.pauseProducing()
+        else:
+            self._consumer.write(data)
+
+    def end(self) -> None:
+        """No more input (end of file, or Ctrl-C): finish the body cleanly."""
+        if self._ended:
+            return
+        self._ended = True
+        if self.stdio is not None:
+            self.stdio.pauseProducing()
+        if self._consumer is not None and not self._stopped:
+            self._finished.callback(None)
+
+    def pauseProducing(self) -> None:
+        if self.stdio is not None and not self._ended:
+            self.stdio.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.stdio is not None and not self._ended:
+            self.stdio.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        if self.stdio is not None:
+            self.stdio.pauseProducing()
+
+
+@implementer(IHalfCloseableProtocol)
+class _Stdin(Protocol):
+    """Standard input, read without blocking the reactor (never FileBodyProducer(sys.stdin))."""
+
+    def __init__(self, body: StdinBody):
+        self._body = body
+
+    def dataReceived(self, data: bytes) -> None:
+        self._body.received(data)
+
+    def readConnectionLost(self) -> None:
+        self._body.end()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason=None) -> None:
+        self._body.end()
+
+
+async def _stream(reactor, args, metadata, interrupted: list[bool]) -> int:
+    from twisted.internet.stdio import StandardIO
+
+    body = StdinBody()
+    stdio = StandardIO(_Stdin(body), reactor=reactor)
+    if args.tee:
+        body._tee = stdio.write
+    body.stdio = stdio
+
+    def on_interrupt():
+        if interrupted:
+            # A second Ctrl-C: stop waiting.
+            _stop(reactor)
+            return
+        interrupted.append(True)
+        if not args.quiet:
+            _say("loom-stream", "interrupted: ending the stream")
+        body.end()
+
+    signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(on_interrupt))
+
+    def created(info: Created) -> None:
+        if not args.quiet:
+            replaced = " (replaced the old stream)" if info.replaced else ""
+            _say("loom-stream", f"stream {info.stream_id}: {info.url}{replaced}")
+
+    try:
+        client = LoomClient(args.server, args.token, reactor, _trust_root(args.cacert))
+    except (ValueError, OSError) as e:
+        _say("loom-stream", str(e))
+        return EXIT_USAGE
+    try:
+        result = await client.push(body, args.stream_id, metadata, args.force, created)
+    except CannotConnect as e:
+        sys.stderr.write(f"{e}\n")
+        return EXIT_CANNOT_CONNECT
+    except ServerAborted as e:
+        sys.stderr.write(f"{e}\n")
+        return EXIT_ABORTED
+    except LoomClientError as e:
+        sys.stderr.write(f"{e}\n")
+        return EXIT_FAILED
+    if not args.quiet:
+        _say("loom-stream", f"stream {result.stream_id} complete: {result.bytes_sent} bytes")
+    return EXIT_INTERRUPTED if interrupted else EXIT_OK
+
+
+def stream_main(argv: list[str] | None = None) -> int:
+    parser = _stream_parser()
+    args = parser.parse_args(argv)
+    metadata = _metadata(parser, args)
+    from twisted.internet import reactor
+
+    return _run(reactor, lambda: _stream(reactor, args, metadata, []))
+
+
+# --- loom-spy ------------------------------------------------------------------------
+
+SPY_HELP = """\
+Watch every live stream on a Loom server, one line at a time, each stream in its own colour.
+
+examples:
+  loom-spy http://localhost:3060
+  loom-spy https://loom.example.com --token "$LOOM_TOKEN" | grep build-42
+
+When the server goes away, loom-spy says so and reconnects with a growing pause
+(up to 30 s). Ctrl-C quits. Colour is off with --no-color or when NO_COLOR is set.
+"""
+
+MAX_BACKOFF = 30.0
+
+
+def _spy_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loom-spy", description=SPY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("server", help="the server's base URL, e.g. http://localhost:3060")
+    parser.add_argument("--token", default=os.environ.get("LOOM_TOKEN"),
+                        help="bearer token (default: $LOOM_TOKEN)")
+    parser.add_argument("--no-color", action="store_true", help="plain text, no colours")
+    parser.add_argument("--cacert", metavar="FILE",
+                        help="trust this PEM certificate for https (default: the system's)")
+    return parser
+
+
+async def _spy(reactor, args, out, quitting: list[bool]) -> int:
+    from twisted.internet.task import deferLater
+
+    color = not args.no_color and not os.environ.get("NO_COLOR")
+    try:
+        client = LoomClient(args.server, args.token, reactor, _trust_root(args.cacert))
+    except (ValueError, OSError) as e:
+        _say("loom-spy", str(e))
+        return EXIT_USAGE
+    backoff = 0.5
+    announced = False
+
+    def connected():
+        nonlocal backoff, announced
+        backoff = 0.5
+        _say("loom-spy", f"connected to {client.base}" if not announced else "reconnected")
+        announced = True
+
+    while True:
+        try:
+            await client.spy(out, color=color, on_connected=connected)
+            reason = "the server ended the connection"
+        except CannotConnect as e:
+            reason = str(e)
+        except ServerAborted:
+            reason = "lost the connection to the server"
+        except LoomClientError as e:
+            sys.stderr.write(f"{e}\n")
+            return EXIT_FAILED
+        if quitting:
+            return EXIT_OK
+        _say("loom-spy", f"{reason}; reconnecting in {backoff:g}s")
+        await deferLater(reactor, backoff, lambda: None)
+        backoff = min(backoff * 2, MAX_BACKOFF)
+
+
+def spy_main(argv: list[str] | None = None) -> int:
+    args = _spy_parser().parse_args(argv)
+    import colorama
+
+    colorama.just_fix_windows_console()
+    from twisted.internet import reactor
+
+    def out(data: bytes) -> None:
+        sys.stdout.write(data.decode("utf-8", "replace"))
+        sys.stdout.flush()
+
+    quitting: list[bool] = []
+
+    def quit_(*_):
+        quitting.append(True)
+        reactor.callFromThread(_stop, reactor)
+
+    signal.signal(signal.SIGINT, quit_)
+    signal.signal(signal.SIGTERM, quit_)
+    return _run(reactor, lambda: _spy(reactor, args, out, quitting), interrupted_code=EXIT_OK)
+
+
+# --- running ---------------------------------------------------------------------------
+
+
+def _stop(reactor) -> None:
+    """Stop the reactor unless it is already stopping."""
+    from twisted.internet.error import ReactorNotRunning
+
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
+
+
+def _run(reactor, main, interrupted_code: int = EXIT_INTERRUPTED) -> int:
+    """Run ``main()`` on the reactor; its result is the exit status."""
+    outcome: list[int] = []
+
+    def start():
+        d = ensureDeferred(main())
+
+        def done(result):
+            outcome.append(result)
+            _stop(reactor)
+
+        def crashed(failure):
+            sys.stderr.write(f"{failure.getTraceback()}\n")
+            outcome.append(EXIT_FAILED)
+            _stop(reactor)
+
+        d.addCallbacks(done, crashed)
+
+    reactor.callWhenRunning(start)
+    # Our own SIGINT handlers are installed by the tools; Twisted's would stop at once.
+    reactor.run(installSignalHandlers=False)
+    return outcome[0] if outcome else interrupted_code

@@ -1,0 +1,486 @@
+"""A client for Loom: push a stream, follow a stream, watch /spy.
+
+``LoomClient`` takes the server's base URL (``http://`` or ``https://``),
+an optional bearer token and, for TLS, an optional trust root. Every method
+is a coroutine; failures are the exceptions below, each with a one-line
+message fit for a terminal.
+
+Reading uses treq with unbuffered responses, so a long stream is handed to
+your callback chunk by chunk and never held whole. Pushing uses a small
+HTTP/1.1 protocol of its own: twisted.web's client only reports the response
+once the whole request body is sent, and a producer wants its stream id (the
+``201``) the moment the stream exists.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import quote, urlsplit
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseFailed
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from loom import __version__
+
+USER_AGENT = f"loom-client/{__version__}".encode("ascii")
+
+
+# --- errors -----------------------------------------------------------------------
+
+
+class LoomClientError(Exception):
+    """Something went wrong talking to Loom; ``str()`` is one line for a human."""
+
+
+class Unauthorized(LoomClientError):
+    pass
+
+
+class Forbidden(LoomClientError):
+    pass
+
+
+class StreamNotFound(LoomClientError):
+    pass
+
+
+class StreamExists(LoomClientError):
+    pass
+
+
+class CannotConnect(LoomClientError):
+    """The server could not be reached (refused, unknown host, TLS failure)."""
+
+
+class ServerAborted(LoomClientError):
+    """The server ended the exchange without a clean end."""
+
+
+class RequestFailed(LoomClientError):
+    """Any other error answer; ``status`` and the server's ``error`` sentence."""
+
+    def __init__(self, status: int, error: str):
+        super().__init__(f"server answered {status}: {error}")
+        self.status = status
+        self.error = error
+
+
+def _error_for(status: int, body: bytes, stream_id: str | None) -> LoomClientError:
+    try:
+        sentence = json.loads(body.decode("utf-8"))["error"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        sentence = body.decode("utf-8", "replace").strip()[:200] or f"HTTP {status}"
+    if status == 401:
+        return Unauthorized("unauthorized")
+    if status == 403:
+        return Forbidden(f"forbidden: {sentence}")
+    if status == 404:
+        return StreamNotFound(
+            f"stream {stream_id} does not exist" if stream_id else sentence
+        )
+    if status == 409:
+        return StreamExists(f"stream {stream_id} already exists; use --force")
+    return RequestFailed(status, sentence)
+
+
+def _connect_error(failure_value: BaseException, url: str) -> LoomClientError:
+    if isinstance(failure_value, net_error.ConnectionRefusedError):
+        return CannotConnect("connection refused")
+    if isinstance(failure_value, net_error.DNSLookupError):
+        return CannotConnect(f"cannot resolve the host of {url}")
+    if isinstance(failure_value, net_error.TimeoutError):
+        return CannotConnect(f"timed out connecting to {url}")
+    return CannotConnect(f"cannot connect to {url}: {failure_value}")
+
+
+# --- results ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Created:
+    """What the 201 said: the stream's id and whether it replaced an older stream."""
+
+    stream_id: str
+    replaced: bool
+    url: str
+
+
+@dataclass(frozen=True)
+class PushResult:
+    stream_id: str
+    replaced: bool
+    bytes_sent: int
+
+
+@dataclass(frozen=True)
+class FollowResult:
+    """How a followed stream ended: its state and the bytes received."""
+
+    state: str
+    bytes_received: int
+    metadata: dict
+
+
+# --- the client -----------------------------------------------------------------------
+
+
+class LoomClient:
+    """Talks to one Loom server."""
+
+    def __init__(self, server: str, token: str | None = None, reactor=None, trust_root=None):
+        parts = urlsplit(server if "://" in server else "http://" + server)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {server!r}")
+        self.base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        self._scheme = parts.scheme
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._path = parts.path.rstrip("/")
+        self._token = token
+        self._trust_root = trust_root
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self._reactor = reactor
+        self._http = None
+
+    def stream_url(self, stream_id: str) -> str:
+        return f"{self.base}/stream/{quote(stream_id, safe='')}"
+
+    def _headers(self, extra: dict | None = None) -> dict:
+        headers = {b"User-Agent": [USER_AGENT]}
+        if self._token:
+            headers[b"Authorization"] = [b"Bearer " + self._token.encode("ascii")]
+        for name, value in (extra or {}).items():
+            headers[name] = [value]
+        return headers
+
+    def _treq(self):
+        if self._http is None:
+            from treq.client import HTTPClient
+
+            policy = BrowserLikePolicyForHTTPS(trustRoot=self._trust_root)
+            self._http = HTTPClient(Agent(self._reactor, contextFactory=policy))
+        return self._http
+
+    # reading
+
+    async def _get(self, url: str, stream_id: str | None):
+        try:
+            response = await self._treq().get(url, headers=self._headers(), unbuffered=True)
+        except ResponseFailed as e:
+            raise ServerAborted(f"server closed the connection: {e.reasons[0].getErrorMessage()}")
+        except Exception as e:
+            raise _connect_error(e, self.base)
+        if response.code != 200:
+            body = await response.content()
+            raise _error_for(response.code, body, stream_id)
+        return response
+
+    async def _collect(self, response, callback: Callable[[bytes], Any]) -> int:
+        received = 0
+
+        def deliver(data: bytes) -> None:
+            nonlocal received
+            received += len(data)
+            callback(data)
+
+        from treq import collect
+
+        try:
+            await collect(response, deliver)
+        except ResponseFailed:
+            raise ServerAborted("server aborted the stream")
+        return received
+
+    async def follow(
+        self, stream_id: str, callback: Callable[[bytes], Any], notail: bool = False
+    ) -> FollowResult:
+        """Hand every chunk of the stream to ``callback`` until it ends.
+
+        Raises ServerAborted if the stream ends uncleanly (its producer
+        vanished, it was replaced, the server stopped).
+        """
+        url = self.stream_url(stream_id) + ("?notail" if notail else "")
+        response = await self._get(url, stream_id)
+        headers = response.headers
+        state = (headers.getRawHeaders("x-stream-state") or ["unknown"])[0]
+        metadata = json.loads((headers.getRawHeaders("x-stream-metadata") or ["{}"])[0])
+        received = await self._collect(response, callback)
+        if state == "live" and not notail:
+            state = "complete"
+        return FollowResult(state, received, metadata)
+
+    async def spy(
+        self,
+        callback: Callable[[bytes], Any],
+        color: bool = False,
+        on_connected: Callable[[], Any] | None = None,
+    ) -> None:
+        """Hand /spy's output to ``callback`` until the server ends it."""
+        response = await self._get(self.base + "/spy" + ("?color" if color else ""), None)
+        if on_connected is not None:
+            on_connected()
+        await self._collect(response, callback)
+
+    # writing
+
+    async def push(
+        self,
+        body,
+        stream_id: str | None = None,
+        metadata: dict | None = None,
+        force: bool = False,
+        on_created: Callable[[Created], Any] | None = None,
+    ) -> PushResult:
+        """Send ``body`` (an IBodyProducer) as a stream; return once Loom stored all of it.
+
+        ``on_created`` is called as soon as the server has created the stream,
+        while the body is still being sent.
+        """
+        path = self._path + ("/stream" if stream_id is None else "/stream/" + quote(stream_id, safe=""))
+        if force:
+            path += "?force=true"
+        head = [
+            b"POST " + path.encode("ascii") + b" HTTP/1.1",
+            b"Host: " + self._host_header(),
+            b"Transfer-Encoding: chunked",
+            b"User-Agent: " + USER_AGENT,
+        ]
+        if metadata is not None:
+            head.append(b"X-Stream-Metadata: " + json.dumps(metadata, ensure_ascii=True).encode())
+        if self._token:
+            head.append(b"Authorization: Bearer " + self._token.encode("ascii"))
+        request = b"\r\n".join(head) + b"\r\n\r\n"
+        upload = _Upload(request, body, stream_id, self, on_created)
+        endpoint = HostnameEndpoint(self._reactor, self._host, self._port)
+        if self._scheme == "https":
+            options = optionsForClientTLS(
+                self._host, trustRoot=self._trust_root, acceptableProtocols=[b"http/1.1"]
+            )
+            endpoint = wrapClientTLS(options, endpoint)
+        try:
+            await endpoint.connect(_Once(upload))
+        except Exception as e:
+            raise _connect_error(e, self.base)
+        return await upload.result
+
+    def _host_header(self) -> bytes:
+        default = 443 if self._scheme == "https" else 80
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return (host if self._port == default else f"{host}:{self._port}").encode("idna")
+
+
+class _Once:
+    """A factory for exactly one connection (what endpoint.connect wants)."""
+
+    def __init__(self, protocol):
+        self._protocol = protocol
+
+    def buildProtocol(self, addr):
+        return self._protocol
+
+    def doStart(self):
+        pass
+
+    def doStop(self):
+        pass
+
+
+class _ChunkedWriter:
+    """The IConsumer a body producer writes to: each write goes out as one HTTP chunk."""
+
+    def __init__(self, transport, count: Callable[[int], None]):
+        self._transport = transport
+        self._count = count
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._count(len(data))
+            self._transport.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+
+    def registerProducer(self, producer, streaming):
+        self._transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self):
+        self._transport.unregisterProducer()
+
+
+class _Upload(Protocol):
+    """One streaming POST: request head, chunked body, and the response as it arrives."""
+
+    def __init__(self, request: bytes, body, stream_id, client: LoomClient, on_created):
+        self._request = request
+        self._body = body
+        self._stream_id = stream_id
+        self._client = client
+        self._on_created = on_created
+        self.result: Deferred = Deferred()
+        self._buffer = bytearray()
+        self._status: int | None = None
+        self._headers: dict[str, str] = {}
+        self._created: Created | None = None
+        self._sent = 0
+        self._body_done = False
+        self._response_done = False
+
+    def connectionMade(self):
+        self.transport.write(self._request)
+        writer = _ChunkedWriter(self.transport, self._count)
+        if self._body.length is not UNKNOWN_LENGTH and self._body.length == 0:
+            self._end_body(None)
+            return
+        writer.registerProducer(self._body, True)
+        d = self._body.startProducing(writer)
+
+        def ended(result):
+            writer.unregisterProducer()
+            self._end_body(result)
+
+        def failed(failure):
+            if self._response_done or self.result.called:
+                return None
+            writer.unregisterProducer()
+            self.transport.abortConnection()
+            self._fail(LoomClientError(f"reading the input failed: {failure.getErrorMessage()}"))
+
+        d.addCallbacks(ended, failed)
+
+    def _count(self, size: int) -> None:
+        self._sent += size
+
+    def _end_body(self, _):
+        self._body_done = True
+        if self.transport is not None and not self._response_done:
+            self.transport.write(b"0\r\n\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        if self._status is None:
+            self._parse_head()
+        if self._status is not None:
+            self._parse_body()
+
+    def _parse_head(self) -> None:
+        while True:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
+            del self._buffer[: end + 4]
+            status = int(head[0].split()[1])
+            if 100 <= status < 200:
+                continue  # an interim answer such as 100 Continue
+            self._status = status
+            self._headers = {
+                name.strip().lower(): value.strip()
+                for name, _, value in (line.partition(":") for line in head[1:])
+            }
+            if status == 201:
+                stream_id = self._headers.get("x-stream-id", self._stream_id or "")
+                self._created = Created(
+                    stream_id,
+                    self._headers.get("x-stream-replaced") == "true",
+                    self._client.stream_url(stream_id),
+                )
+                if self._on_created is not None:
+                    self._on_created(self._created)
+            else:
+                self._stop_body()
+            return
+
+    def _parse_body(self) -> None:
+        if self._headers.get("transfer-encoding", "").lower() == "chunked":
+            complete = _chunked_complete(self._buffer)
+        elif "content-length" in self._headers:
+            complete = len(self._buffer) >= int(self._headers["content-length"])
+        else:
+            complete = False  # delimited by the connection closing
+        if complete:
+            self._respond()
+
+    def _respond(self) -> None:
+        self._response_done = True
+        if self._status == 201:
+            if not self._body_done:
+                self._fail(ServerAborted("server ended the stream before the input ended"))
+            else:
+                self.result.callback(
+                    PushResult(self._created.stream_id, self._created.replaced, self._sent)
+                )
+        else:
+            self._fail(_error_for(self._status, bytes(self._buffer), self._stream_id))
+        self.transport.loseConnection()
+
+    def _stop_body(self) -> None:
+        try:
+            self._body.stopProducing()
+        except Exception:
+            pass
+
+    def _fail(self, error: Exception) -> None:
+        if not self.result.called:
+            self.result.errback(error)
+
+    def connectionLost(self, reason):
+        if self._response_done:
+            return
+        if self._status is not None and self._status != 201 and "content-length" not in self._headers:
+            self._respond()
+            return
+        if not self._body_done:
+            self._stop_body()
+        if self._status is None and _is_tls_failure(reason):
+            self._fail(CannotConnect(
+                f"TLS with {self._client.base} failed: {reason.getErrorMessage()}"
+            ))
+            return
+        self._fail(ServerAborted("server aborted the stream"))
+
+
+def _is_tls_failure(reason) -> bool:
+    try:
+        from OpenSSL.SSL import Error as TLSError
+    except ImportError:
+        return False
+    return reason.check(TLSError) is not None
+
+
+def _chunked_complete(buffer: bytearray) -> bool:
+    """Whether a chunked body in ``buffer`` has reached its final chunk."""
+    position = 0
+    while True:
+        line_end = buffer.find(b"\r\n", position)
+        if line_end < 0:
+            return False
+        try:
+            size = int(bytes(buffer[position:line_end]).split(b";")[0], 16)
+        except ValueError:
+            return False
+        if size == 0:
+            return buffer.find(b"\r\n\r\n", line_end) >= 0
+        position = line_end + 2 + size + 2
+
+
+__all__ = [
+    "CannotConnect",
+    "Created",
+    "FollowResult",
+    "Forbidden",
+    "LoomClient",
+    "LoomClientError",
+    "PushResult",
+    "RequestFailed",
+    "ServerAborted",
+    "StreamExists",
+    "StreamNotFound",
+    "Unauthorized",
+]

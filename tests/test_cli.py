@@ -1,0 +1,247 @@
+"""bin/stream and bin/spy, run for real in subprocesses against a loopback server."""
+
+import re
+import sys
+import time
+
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+
+from tests.helpers import (
+    REPO,
+    child_environment,
+    guard,
+    make_tls_files,
+    raw_connect,
+    run,
+    spawn,
+    start_server,
+)
+from tests.test_e2e import Follow
+
+STREAM = [sys.executable, str(REPO / "bin" / "stream")]
+SPY = [sys.executable, str(REPO / "bin" / "spy")]
+ANSI = re.compile(rb"\x1b\[[0-9;]*m")
+
+
+async def body_of(server, stream_id):
+    response = await treq.get(f"{server.url}/stream/{stream_id}")
+    return await response.content(), response.headers
+
+
+@pytest_twisted.ensureDeferred
+async def test_original_usage_with_a_shell_loop(server):
+    """The original README's pipeline works unchanged, with and without --force."""
+    loop = "for i in 1 2 3 4 5; do echo $i; sleep 0.05; done"
+    command = f"{loop} | {sys.executable} {REPO / 'bin' / 'stream'} {server.url} streamid"
+    code, out, err = await run(["/bin/sh", "-c", command])
+    assert code == 0, err
+    assert (await body_of(server, "streamid"))[0] == b"1\n2\n3\n4\n5\n"
+    code, out, err = await run(["/bin/sh", "-c", command])
+    assert code == 1 and err.decode().strip() == "stream streamid already exists; use --force"
+    code, out, err = await run(["/bin/sh", "-c", command + " --force"])
+    assert code == 0, err
+    assert b"replaced" in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_line_reaches_a_follower_within_200_ms(server):
+    """Lines written to stdin arrive at a live follower in real time, one by one."""
+    process = spawn(STREAM + [server.url, "realtime"])
+    process.write(b"line 0\n")
+    await process.protocol.wait_for_output(r"stream realtime: ")
+    follower = Follow()
+    await follower.start(server.url + "/stream/realtime")
+    await follower.until(7)
+    delays = []
+    expected = b"line 0\n"
+    for index in range(1, 21):
+        line = b"line %d\n" % index
+        expected += line
+        sent = time.monotonic()
+        process.write(line)
+        delays.append(await follower.until(len(expected)) - sent)
+    process.close_stdin()
+    result = await process.wait()
+    assert result.exit_code == 0, process.text()
+    await guard(follower.done)
+    assert follower.data == expected
+    assert max(delays) < 0.2, delays
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_quiet_pipe_keeps_the_stream_open(tmp_path):
+    """A producer silent for longer than the idle timeout is not cut off."""
+    server = await start_server(tmp_path / "data", idle_timeout=0.5)
+    try:
+        process = spawn(STREAM + [server.url, "quiet"])
+        process.write(b"before\n")
+        await process.protocol.wait_for_output("stream quiet: ")
+        idle = await raw_connect(server.port)
+        await guard(idle.closed)  # the server closed an idle connection: the timeout ran
+        process.write(b"after\n")
+        process.close_stdin()
+        result = await process.wait()
+        assert result.exit_code == 0, process.text()
+        assert (await body_of(server, "quiet"))[0] == b"before\nafter\n"
+    finally:
+        await server.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_generated_id_metadata_and_token(tmp_path):
+    """No id: the server's id is printed to stderr; --meta, -m and $LOOM_TOKEN are sent."""
+    server = await start_server(tmp_path / "data", tokens=("t0ken",))
+    try:
+        code, out, err = await run(
+            STREAM + [server.url, "--meta", '{"job": "build", "n": 1}', "-m", "branch=main",
+                      "-m", "n=2"],
+            env=child_environment(LOOM_TOKEN="t0ken"), stdin=b"payload\n")
+        assert code == 0, err
+        stream_id = re.search(rb"stream (loom-[\w-]+): ", err).group(1).decode()
+        response = await treq.get(f"{server.url}/stream/{stream_id}",
+                                  headers={"Authorization": "Bearer t0ken"})
+        assert await response.content() == b"payload\n"
+        import json
+
+        assert json.loads(response.headers.getRawHeaders("x-stream-metadata")[0]) == {
+            "job": "build", "n": "2", "branch": "main"}
+        code, out, err = await run(STREAM + [server.url, "x", "--token", "wrong"], stdin=b"x")
+        assert code == 1 and err.decode().strip() == "unauthorized"
+        code, out, err = await run(STREAM + [server.url, "x"], stdin=b"x")
+        assert code == 1 and err.decode().strip() == "unauthorized"
+    finally:
+        await server.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_refused_and_usage_errors(server):
+    """Unreachable server: one line and status 3; bad options: status 2."""
+    port = server.port
+    await server.service.stopService()
+    code, out, err = await run(STREAM + [f"http://127.0.0.1:{port}", "x"], stdin=b"data")
+    assert code == 3 and err.decode().strip() == "connection refused"
+    code, out, err = await run(STREAM + [f"http://127.0.0.1:{port}", "--meta", "[1]"], stdin=b"")
+    assert code == 2 and b"--meta must be a JSON object" in err
+    code, out, err = await run(STREAM + [f"http://127.0.0.1:{port}", "-m", "novalue"], stdin=b"")
+    assert code == 2 and b"KEY=VALUE" in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_aborting_the_stream_is_reported(server):
+    """If the server cuts the stream (here: replaced), the tool says so and exits 4."""
+    process = spawn(STREAM + [server.url, "victim"])
+    process.write(b"doomed\n")
+    await process.protocol.wait_for_output("stream victim: ")
+    response = await treq.post(server.url + "/stream/victim?force=true", data=b"new")
+    await response.content()
+    result = await process.wait()
+    assert result.exit_code == 4
+    assert bytes(result.err).decode().strip().endswith("server aborted the stream")
+
+
+@pytest_twisted.ensureDeferred
+async def test_ctrl_c_ends_the_stream_cleanly_and_exits_130(server):
+    """SIGINT: the body is finished, the stream is complete with every byte, status 130."""
+    process = spawn(STREAM + [server.url, "interrupted"])
+    process.write(b"work in progress\n")
+    await process.protocol.wait_for_output("stream interrupted: ")
+    follower = Follow()
+    await follower.start(server.url + "/stream/interrupted")
+    await follower.until(17)
+    process.signal("INT")
+    result = await process.wait()
+    assert result.exit_code == 130, process.text()
+    assert "Traceback" not in process.text()
+    body, headers = await body_of(server, "interrupted")
+    assert body == b"work in progress\n"
+    assert headers.getRawHeaders("x-stream-state") == ["complete"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_tee_copies_input_to_stdout(server):
+    """--tee keeps the build log on the terminal while it streams."""
+    code, out, err = await run(STREAM + [server.url, "teed", "--tee", "-q"], stdin=b"a\nb\n")
+    assert (code, out, err) == (0, b"a\nb\n", b"")
+
+
+@pytest_twisted.ensureDeferred
+async def test_help_has_examples():
+    """--help explains the tool with examples and exit statuses."""
+    code, out, err = await run(STREAM + ["--help"])
+    assert code == 0 and b"examples:" in out and b"--force" in out and b"exit status" in out
+    code, out, err = await run(SPY + ["--help"])
+    assert code == 0 and b"examples:" in out and b"--no-color" in out
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_over_https(tmp_path):
+    """bin/stream works over https with --cacert."""
+    key, cert = make_tls_files(tmp_path)
+    from loom.config import Config
+    from loom.service import LoomService
+
+    service = LoomService(Config(
+        listen=(f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",),
+        data_dir=str(tmp_path / "data")), reactor)
+    service.startService()
+    try:
+        url = f"https://localhost:{service.ports[0].getHost().port}"
+        code, out, err = await run(STREAM + [url, "secure", "--cacert", cert], stdin=b"tls\n")
+        assert code == 0, err
+        code, out, err = await run(STREAM + [url, "secure2"], stdin=b"tls\n")
+        assert code == 3 and b"TLS" in err
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_spy_in_colour_and_without(server):
+    """bin/spy paints streams by default; --no-color (or NO_COLOR) gives plain text."""
+    for flags, env, coloured in [([], {}, True), (["--no-color"], {}, False),
+                                 ([], {"NO_COLOR": "1"}, False)]:
+        process = spawn(SPY + [server.url] + flags, env=child_environment(**env))
+        await process.protocol.wait_for_output("connected to")
+        stream_id = f"c{len(flags)}{len(env)}"
+        code, _, err = await run(STREAM + [server.url, stream_id, "-q"], stdin=b"hello\n")
+        assert code == 0, err
+        await process.protocol.wait_for_output(f"END {stream_id} complete")
+        process.signal("INT")
+        result = await process.wait()
+        out = bytes(result.out)
+        assert (b"\x1b[" in out) == coloured
+        assert ANSI.sub(b"", out).splitlines() == [
+            f"START {stream_id} {{}}".encode(), f"{stream_id} | hello".encode(),
+            f"END {stream_id} complete 6".encode()]
+        assert result.exit_code == 0 and b"Traceback" not in bytes(result.err)
+
+
+@pytest_twisted.ensureDeferred
+async def test_spy_reconnects_when_the_server_restarts(tmp_path):
+    """bin/spy reports a lost server in one line, retries, and resumes when it is back."""
+    server = await start_server(tmp_path / "data")
+    port, url = server.port, server.url
+    process = spawn(SPY + [url, "--no-color"])
+    try:
+        await process.protocol.wait_for_output("connected to")
+        await server.service.stopService()
+        await process.protocol.wait_for_output("lost the connection to the server; reconnecting")
+        await process.protocol.wait_for_output("connection refused; reconnecting")
+        from loom.config import Config
+        from loom.service import LoomService
+
+        again = LoomService(Config(listen=(f"tcp:{port}:interface=127.0.0.1",),
+                                   data_dir=str(tmp_path / "data")), reactor)
+        again.startService()
+        try:
+            await process.protocol.wait_for_output("reconnected", seconds=60)
+            code, _, err = await run(STREAM + [url, "back", "-q"], stdin=b"again\n")
+            assert code == 0, err
+            await process.protocol.wait_for_output("back | again")
+        finally:
+            await again.stopService()
+    finally:
+        process.signal("INT")
+        await process.wait()
+    assert "Traceback" not in process.text()

@@ -1,0 +1,224 @@
+"""loom.client against a real server on loopback."""
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.ssl import Certificate
+from twisted.web.client import FileBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from loom.client import (
+    CannotConnect,
+    LoomClient,
+    ServerAborted,
+    StreamExists,
+    StreamNotFound,
+    Unauthorized,
+)
+from tests.helpers import chunk, guard, make_tls_files, start_server, start_producer
+
+
+@implementer(IBodyProducer, IPushProducer)
+class ControlledBody:
+    """A request body the test writes into, piece by piece, and ends when it likes."""
+
+    length = UNKNOWN_LENGTH
+
+    def __init__(self):
+        self.consumer = None
+        self.finished = Deferred()
+        self.started = Deferred()
+
+    def startProducing(self, consumer):
+        self.consumer = consumer
+        self.started.callback(None)
+        return self.finished
+
+    def write(self, data: bytes):
+        self.consumer.write(data)
+
+    def end(self):
+        self.finished.callback(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+def body(data: bytes):
+    from io import BytesIO
+
+    return FileBodyProducer(BytesIO(data))
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_reports_creation_before_the_body_ends(server):
+    """on_created fires with the id while the body is still open; push returns at the end."""
+    client = LoomClient(server.url)
+    source = ControlledBody()
+    created = Deferred()
+    pushed = Deferred.fromCoroutine(
+        client.push(source, "early", metadata={"k": "v"}, on_created=created.callback)
+    )
+    info = await guard(created)
+    assert info.stream_id == "early" and not info.replaced
+    assert info.url == server.url + "/stream/early"
+    assert not pushed.called
+    await guard(source.started)
+    source.write(b"part one, ")
+    source.write(b"part two")
+    source.end()
+    result = await guard(pushed)
+    assert (result.stream_id, result.bytes_sent) == ("early", 18)
+    response = await treq.get(server.url + "/stream/early")
+    assert await response.content() == b"part one, part two"
+    assert response.headers.getRawHeaders("x-stream-metadata") == ['{"k":"v"}']
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_with_generated_id_and_force(server):
+    """Without an id the server's id is returned; force replaces and says so."""
+    client = LoomClient(server.url)
+    result = await client.push(body(b"generated"))
+    assert result.stream_id.startswith("loom-")
+    await client.push(body(b"one"), "forced")
+    with pytest.raises(StreamExists, match="stream forced already exists; use --force"):
+        await client.push(body(b"two"), "forced")
+    replaced = await client.push(body(b"three"), "forced", force=True)
+    assert replaced.replaced
+
+
+@pytest_twisted.ensureDeferred
+async def test_follow_hands_over_chunks_as_they_arrive(server):
+    """follow() passes each chunk to the callback as it arrives and reports the end."""
+    producer = await start_producer(server.port, b"f", b"first\n")
+    received, first = [], Deferred()
+
+    def callback(data):
+        received.append(data)
+        if not first.called:
+            first.callback(None)
+
+    client = LoomClient(server.url)
+    following = Deferred.fromCoroutine(client.follow("f", callback))
+    await guard(first)
+    producer.send(chunk(b"second\n") + b"0\r\n\r\n")
+    result = await guard(following)
+    assert b"".join(received) == b"first\nsecond\n"
+    assert (result.state, result.bytes_received) == ("complete", 13)
+    notail = []
+    result = await client.follow("f", notail.append, notail=True)
+    assert b"".join(notail) == b"first\nsecond\n" and result.state == "complete"
+    producer.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_follow_raises_when_the_producer_vanishes(server):
+    """A stream that ends uncleanly makes follow() raise ServerAborted."""
+    producer = await start_producer(server.port, b"v", b"data")
+    got_data = Deferred()
+    client = LoomClient(server.url)
+    following = Deferred.fromCoroutine(
+        client.follow("v", lambda d: got_data.called or got_data.callback(None)))
+    await guard(got_data)
+    producer.transport.abortConnection()
+    with pytest.raises(ServerAborted):
+        await guard(following)
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_raises_when_the_server_cuts_the_stream(server):
+    """A push whose stream is replaced by someone else raises ServerAborted."""
+    client = LoomClient(server.url)
+    source = ControlledBody()
+    created = Deferred()
+    pushed = Deferred.fromCoroutine(client.push(source, "cut", on_created=created.callback))
+    await guard(created)
+    await guard(source.started)
+    source.write(b"doomed")
+    await client.push(body(b"winner"), "cut", force=True)
+    with pytest.raises(ServerAborted, match="server aborted the stream"):
+        await guard(pushed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_clear_errors(server, tmp_path):
+    """401, 404, 409 and refused connections become distinct, readable exceptions."""
+    secured = await start_server(tmp_path / "secured", tokens=("right",))
+    try:
+        with pytest.raises(Unauthorized, match="unauthorized"):
+            await LoomClient(secured.url, token="wrong").push(body(b"x"), "a")
+        with pytest.raises(Unauthorized):
+            await LoomClient(secured.url).follow("a", lambda d: None)
+        result = await LoomClient(secured.url, token="right").push(body(b"ok"), "a")
+        assert result.bytes_sent == 2
+    finally:
+        await secured.service.stopService()
+    with pytest.raises(StreamNotFound, match="stream nope does not exist"):
+        await LoomClient(server.url).follow("nope", lambda d: None)
+    port = server.port
+    await server.service.stopService()
+    with pytest.raises(CannotConnect, match="connection refused"):
+        await LoomClient(f"http://127.0.0.1:{port}").push(body(b"x"), "a")
+    with pytest.raises(CannotConnect, match="connection refused"):
+        await LoomClient(f"http://127.0.0.1:{port}").follow("a", lambda d: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_and_follow_over_tls(tmp_path):
+    """Push and follow work over https with the server's certificate trusted."""
+    key, cert = make_tls_files(tmp_path)
+    from loom.config import Config
+    from loom.service import LoomService
+
+    config = Config(listen=(f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",),
+                    data_dir=str(tmp_path / "data"))
+    service = LoomService(config, reactor)
+    service.startService()
+    try:
+        port = service.ports[0].getHost().port
+        with open(cert, "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+        client = LoomClient(f"https://localhost:{port}", trust_root=trust)
+        result = await client.push(body(b"secret over tls"), "tls")
+        assert result.bytes_sent == 15
+        received = []
+        await client.follow("tls", received.append)
+        assert b"".join(received) == b"secret over tls"
+        with pytest.raises(CannotConnect):
+            await LoomClient(f"https://localhost:{port}").push(body(b"x"), "untrusted")
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_spy_streams_into_a_callback(server):
+    """spy() hands /spy's lines to a callback as streams appear."""
+    client = LoomClient(server.url)
+    seen = bytearray()
+    done = Deferred()
+    connected = Deferred()
+
+    def callback(data):
+        seen.extend(data)
+        if b"END s complete" in seen and not done.called:
+            done.callback(None)
+
+    spying = Deferred.fromCoroutine(
+        client.spy(callback, on_connected=lambda: connected.callback(None)))
+    await guard(connected)
+    await client.push(body(b"hello\n"), "s")
+    await guard(done)
+    assert bytes(seen) == b"START s {}\ns | hello\nEND s complete 6\n"
+    spying.cancel()
+    with pytest.raises(CancelledError):
+        await spying
