@@ -27,6 +27,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-twisted>=1.14",
+            "hypothesis>=6.100",  # the stateful model test of the store
             # builds the wheel in the non-editable install test, without network
             "wheel",
         ],

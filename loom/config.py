@@ -33,6 +33,11 @@ class Config:
     max_metadata_bytes: int = 8192
     producer_idle_timeout: float | None = 3600.0
     idle_timeout: float = 60.0
+    header_timeout: float = 30.0
+    stalled_reader_timeout: float | None = 600.0
+    max_connections: int = 10000
+    max_stream_bytes: int | None = None
+    reader_send_buffer: int | None = 256 * 1024
     storage_compress: bool = False
     storage_tail_timeout: float | None = None
 
@@ -126,6 +131,15 @@ def _size(value: Any, where: str, low: int, high: int) -> int:
     return _integer(value, where, low, high)
 
 
+def _stream_limit(value: Any, where: str) -> int | None:
+    """A size where 0 means "no limit"."""
+    return _size(value, where, 0, 2**62) or None
+
+
+def _connection_limit(value: Any, where: str) -> int:
+    return _integer(value, where, 1, 10**6)
+
+
 def _metadata_limit(value: Any, where: str) -> int:
     # Headers beyond 64 KiB are refused before the limit could matter.
     return _size(value, where, 2, 60 * 1024)
@@ -199,6 +213,18 @@ SETTINGS: tuple[Setting, ...] = (
             "A producer silent for this long is disconnected; 0 = never (default 1h)."),
     Setting("idleTimeout", "LOOM_IDLE_TIMEOUT", _positive_duration,
             "An idle keep-alive connection is closed after this long (default 60s)."),
+    Setting("headerTimeout", "LOOM_HEADER_TIMEOUT", _positive_duration,
+            "A request's headers must arrive within this long of its first byte (default 30s)."),
+    Setting("stalledReaderTimeout", "LOOM_STALLED_READER_TIMEOUT", _optional_timeout,
+            "A reader that accepts no data for this long while data waits is "
+            "disconnected; 0 = never (default 10m)."),
+    Setting("maxConnections", "LOOM_MAX_CONNECTIONS", _connection_limit,
+            "Connections beyond this many are answered 503 and closed (default 10000)."),
+    Setting("maxStreamBytes", "LOOM_MAX_STREAM_BYTES", _stream_limit,
+            "Largest stream stored; a longer one is cut there. 0 = no limit (default)."),
+    Setting("readerSendBuffer", "LOOM_READER_SEND_BUFFER", _stream_limit,
+            "Kernel send buffer of each reader's socket (default 256KiB): a reader that "
+            "stops reading holds at most this much. 0 = let the kernel decide."),
     Setting("storageCompress", "LOOM_STORAGE_COMPRESS", _boolean,
             "Accepted for compatibility with the original service; has no effect."),
     Setting("storageTailTimeout", "LOOM_STORAGE_TAIL_TIMEOUT", _duration,
@@ -207,8 +233,9 @@ SETTINGS: tuple[Setting, ...] = (
 
 _BY_KEY = {setting.key: setting for setting in SETTINGS}
 
-# Variables that belong to Loom's command-line clients, not to the server.
-CLIENT_VARIABLES = frozenset({"LOOM_TOKEN", "LOOM_CONFIG", "LOOM_SERVER"})
+# Variables that are not settings: the clients' own, and the crash tests'.
+# LOOM_CRASH_AT arms a crash point for the crash tests (see loom.faults).
+CLIENT_VARIABLES = frozenset({"LOOM_TOKEN", "LOOM_CONFIG", "LOOM_SERVER", "LOOM_CRASH_AT"})
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -307,6 +334,13 @@ def load_config(
                 "producerIdleTimeout", Config.producer_idle_timeout
             ),
             idle_timeout=values.get("idleTimeout", Config.idle_timeout),
+            header_timeout=values.get("headerTimeout", Config.header_timeout),
+            stalled_reader_timeout=values.get(
+                "stalledReaderTimeout", Config.stalled_reader_timeout
+            ),
+            max_connections=values.get("maxConnections", Config.max_connections),
+            max_stream_bytes=values.get("maxStreamBytes", Config.max_stream_bytes),
+            reader_send_buffer=values.get("readerSendBuffer", Config.reader_send_buffer),
             storage_compress=values.get("storageCompress", False),
             storage_tail_timeout=values.get("storageTailTimeout"),
         ),

@@ -74,6 +74,10 @@ class PayloadTooLarge(LoomError):
     status = 413
 
 
+class StreamTooLarge(PayloadTooLarge):
+    """A stream reached the configured maximum size."""
+
+
 class HeadersTooLarge(LoomError):
     status = 431
 

@@ -35,9 +35,42 @@ class FollowerSink(Protocol):
     def cut(self) -> None:
         """The stream ended any other way: close without a clean end."""
 
+    def abort(self) -> None:
+        """Drop the connection at once, without flushing (the reader is stuck)."""
+
     def registerProducer(self, producer, streaming: bool) -> None: ...
 
     def unregisterProducer(self) -> None: ...
+
+
+class StallWatch:
+    """Calls ``on_stall`` if a consumer stays paused for ``timeout`` seconds.
+
+    A paused consumer costs no memory, but it holds a socket and a file: one
+    that accepts nothing for this long while data waits is let go.
+    """
+
+    def __init__(self, clock, timeout: float | None, on_stall):
+        self._clock = clock
+        self._timeout = timeout
+        self._on_stall = on_stall
+        self._call = None
+
+    def paused(self) -> None:
+        if self._timeout and self._call is None:
+            self._call = self._clock.callLater(self._timeout, self._fire)
+
+    def resumed(self) -> None:
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+    cancel = resumed
+
+    def _fire(self) -> None:
+        self._call = None
+        self._on_stall()
 
 
 @implementer(IPushProducer)
@@ -51,6 +84,7 @@ class Follower:
         clock,
         offset: int = 0,
         end: int | None = None,
+        stall_timeout: float | None = None,
     ):
         self._handle = handle
         self._sink = sink
@@ -61,6 +95,7 @@ class Follower:
         self._paused = False
         self._done = False
         self._scheduled = None
+        self._stall = StallWatch(clock, stall_timeout, self._stalled)
 
     @property
     def offset(self) -> int:
@@ -93,13 +128,22 @@ class Follower:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        self._stall.paused()
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._stall.resumed()
         self._pump()
 
     def stopProducing(self) -> None:
         self.stop()
+
+    def _stalled(self) -> None:
+        log.info("a reader of stream {stream_id} accepted nothing for too long: "
+                 "disconnecting it at offset {offset}",
+                 stream_id=self._handle.id, offset=self._offset)
+        self.stop()
+        self._sink.abort()
 
     # StreamListener
 
@@ -163,6 +207,7 @@ class Follower:
             return
 
     def _release(self) -> None:
+        self._stall.cancel()
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.cancel()
         self._scheduled = None

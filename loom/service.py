@@ -8,7 +8,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from loom.catalog import CatalogError
 from loom.config import Config
+from loom.faults import CrashPoints
 from loom.store import DiskStore, ThreadRunners
 from loom.web.auth import BearerAuth
 from loom.web.resources import LoomApp, Root
@@ -32,7 +34,14 @@ class StartupError(Exception):
 class LoomService(MultiService):
     """Runs Loom: reconciles storage, then listens; on stop, interrupts live streams."""
 
-    def __init__(self, config: Config, reactor, store=None, warnings: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        config: Config,
+        reactor,
+        store=None,
+        warnings: tuple[str, ...] = (),
+        crash: CrashPoints | None = None,
+    ):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -42,6 +51,8 @@ class LoomService(MultiService):
             ThreadRunners(reactor),
             fsync=config.fsync,
             fsync_interval=config.fsync_interval,
+            max_stream_bytes=config.max_stream_bytes,
+            crash=crash,
         )
         self.auth = BearerAuth(config.tokens)
         self.app = LoomApp(
@@ -50,28 +61,43 @@ class LoomService(MultiService):
             self.auth,
             max_metadata_bytes=config.max_metadata_bytes,
             producer_idle_timeout=config.producer_idle_timeout,
+            stalled_reader_timeout=config.stalled_reader_timeout,
+            reader_send_buffer=config.reader_send_buffer,
         )
-        self.site = LoomSite(Root(self.app), reactor, idle_timeout=config.idle_timeout)
+        self.site = LoomSite(
+            Root(self.app),
+            reactor,
+            idle_timeout=config.idle_timeout,
+            header_timeout=config.header_timeout,
+            max_connections=config.max_connections,
+            # Room for the largest metadata plus ordinary headers, so that
+            # oversized metadata gets its 413 instead of a dropped connection.
+            max_head_bytes=max(64 * 1024, config.max_metadata_bytes + 8192),
+        )
         self.ports: list = []
         self._warnings = warnings
 
     def startService(self) -> None:
-        """Reconcile storage, then listen on every endpoint; StartupError if either fails."""
+        """Listen on every endpoint, then reconcile storage; StartupError if either fails.
+
+        Binding first means a taken port fails before any storage is touched.
+        Nothing is accepted before this method returns, so storage is always
+        reconciled before the first request is served.
+        """
         for warning in self._warnings:
             log.warn("config: {warning}", warning=warning)
-        try:
-            self.store.start()
-        except OSError as e:
-            raise StartupError(
-                f"cannot open the data directory {self.config.data_dir}: {e.strerror}"
-            )
         try:
             for description in self.config.listen:
                 self.ports.append(self._listen(description))
         except StartupError:
             self._stop_listening()
-            Deferred.fromCoroutine(self.store.stop())
             raise
+        try:
+            self.store.start()
+        except (OSError, CatalogError) as e:
+            self._stop_listening()
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise StartupError(f"cannot open the data directory {self.config.data_dir}: {reason}")
         super().startService()
         if self.auth.enabled:
             log.info("bearer tokens required ({count} configured)",

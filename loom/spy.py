@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import re
 import zlib
+
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-from loom.follow import FollowerSink
+from loom.follow import FollowerSink, StallWatch
 from loom.store import LiveStream, StreamHandle
 
 # Foreground colours readable on dark and light backgrounds alike, and known
@@ -176,6 +177,7 @@ class Spy:
         clock,
         color: bool = False,
         max_lag: int = DEFAULT_MAX_LAG,
+        stall_timeout: float | None = None,
     ):
         self._store = store
         self._sink = sink
@@ -189,6 +191,7 @@ class Spy:
         self._stopped = False
         self._pumping = False
         self._flush_call = None
+        self._stall = StallWatch(clock, stall_timeout, self._stalled)
 
     @property
     def streams(self) -> int:
@@ -214,18 +217,25 @@ class Spy:
         self._ready.clear()
         self._queued.clear()
         self._cancel_flush()
+        self._stall.cancel()
 
     # IPushProducer
 
     def pauseProducing(self) -> None:
         self._paused = True
+        self._stall.paused()
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._stall.resumed()
         self._pump()
 
     def stopProducing(self) -> None:
         self.stop()
+
+    def _stalled(self) -> None:
+        self.stop()
+        self._sink.abort()
 
     # store observer and StreamListener
 

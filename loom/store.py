@@ -26,16 +26,25 @@ from twisted.python.filepath import FilePath
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
 
-from loom.catalog import Catalog, StreamRecord
-from loom.errors import StorageFailed, StreamCut, StreamExists, StreamNotFound
+from loom.catalog import Catalog, CatalogError, StreamRecord
+from loom.errors import (
+    StorageFailed,
+    StreamCut,
+    StreamExists,
+    StreamNotFound,
+    StreamTooLarge,
+)
+from loom.faults import CrashPoints, FileSystem
 from loom.ids import IdGenerator
 
 log = Logger()
 
-# How a stream can end. The first three are stored states; the rest mean the
-# stream's data is gone and its followers must be cut off at once.
+# How a stream can end. The first three are stored states; the next two mean
+# the stream's data is gone and its followers must be cut off at once.
 COMPLETE, ABORTED, INTERRUPTED = "complete", "aborted", "interrupted"
 REPLACED, DELETED = "replaced", "deleted"
+# A finished stream whose file no longer holds what was recorded.
+DAMAGED = "damaged"
 
 
 class PartialWrite(OSError):
@@ -112,11 +121,12 @@ class DataFile:
 
     The file stays open while anyone holds a reference (``acquire`` /
     ``release``), so a follower can finish reading a stream whose file was
-    unlinked by a replace.
+    unlinked by a replace. Every OS call goes through ``fs``.
     """
 
-    def __init__(self, fd: int, directory: str | None = None):
+    def __init__(self, fd: int, fs: FileSystem, directory: str | None = None):
         self._fd = fd
+        self._fs = fs
         self._refs = 1
         self._unsynced_directory = directory
 
@@ -127,7 +137,7 @@ class DataFile:
     def release(self) -> None:
         self._refs -= 1
         if self._refs == 0:
-            os.close(self._fd)
+            self._fs.close(self._fd)
             self._fd = -1
 
     def write(self, data: bytes) -> None:
@@ -136,32 +146,28 @@ class DataFile:
         written = 0
         while written < len(view):
             try:
-                written += os.write(self._fd, view[written:])
+                written += self._fs.write(self._fd, view[written:])
             except InterruptedError:
                 continue
             except OSError as e:
                 raise PartialWrite(written, e) from e
 
     def read(self, offset: int, size: int) -> bytes:
-        return os.pread(self._fd, size, offset)
+        return self._fs.pread(self._fd, size, offset)
 
     def size(self) -> int:
         return os.fstat(self._fd).st_size
 
     def thd_sync(self) -> None:
         """fsync the data (and, the first time, the directory entry). Blocks."""
-        os.fsync(self._fd)
+        self._fs.fsync(self._fd)
         if self._unsynced_directory is not None:
-            _fsync_directory(self._unsynced_directory)
+            fd = self._fs.open(self._unsynced_directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                self._fs.fsync(fd)
+            finally:
+                self._fs.close(fd)
             self._unsynced_directory = None
-
-
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MemoryFile:
@@ -232,21 +238,34 @@ class LiveStream:
     # producer side
 
     def append(self, data: bytes) -> None:
-        """Hand ``data`` to the OS, then wake the followers. Raises StorageFailed, StreamCut."""
+        """Hand ``data`` to the OS, then wake the followers.
+
+        Raises StorageFailed (the stream keeps exactly the bytes that reached
+        the file), StreamTooLarge (the stream was filled up to its limit and
+        not one byte more) or StreamCut.
+        """
         if self.outcome is not None or self.closing:
             raise StreamCut(f"stream {self.id} no longer accepts data")
-        if not data:
-            return
-        start = self.size
-        try:
-            self.file.write(data)
-        except PartialWrite as e:
-            self.size += e.written
-            if e.written:
-                self._notify_grew(start, data[: e.written])
-            raise StorageFailed(f"writing stream {self.id} failed: {e.strerror}")
-        self.size += len(data)
-        self._notify_grew(start, data)
+        limit = self._store.max_stream_bytes
+        too_large = limit is not None and self.size + len(data) > limit
+        if too_large:
+            data = data[: limit - self.size]
+        if data:
+            start = self.size
+            try:
+                self.file.write(data)
+            except PartialWrite as e:
+                self.size += e.written
+                if e.written:
+                    self._notify_grew(start, data[: e.written])
+                raise StorageFailed(f"writing stream {self.id} failed: {e.strerror}") from e
+            self.size += len(data)
+            self._store._crash.reached("written")
+            self._notify_grew(start, data)
+        if too_large:
+            raise StreamTooLarge(
+                f"Stream {self.id} reached the size limit of {limit} bytes."
+            )
 
     def sync(self) -> Deferred:
         """Fire once every byte appended so far is on stable storage.
@@ -309,15 +328,15 @@ class LiveStream:
         """
         await self._finish(COMPLETE)
 
-    async def abort(self) -> None:
+    async def abort(self, reason: str | None = None) -> None:
         """The producer went away mid-body: keep what arrived, record the stream aborted."""
-        await self._finish(ABORTED)
+        await self._finish(ABORTED, reason)
 
     async def interrupt(self) -> None:
         """The server is stopping: keep what arrived, record the stream interrupted."""
         await self._finish(INTERRUPTED)
 
-    async def _finish(self, state: str) -> None:
+    async def _finish(self, state: str, reason: str | None = None) -> None:
         if self.outcome is not None:
             raise StreamCut(f"stream {self.id} already ended ({self.outcome})")
         if self.closing:
@@ -327,17 +346,24 @@ class LiveStream:
             if self._store.fsync != "never":
                 await self.sync()
         except StorageFailed:
-            await self._record(ABORTED)
+            await self._record(ABORTED, "syncing the data to disk failed")
             raise
-        await self._record(state)
+        self._store._crash.reached("synced")
+        await self._record(state, reason)
 
-    async def _record(self, state: str) -> None:
+    async def _record(self, state: str, reason: str | None) -> None:
         try:
-            still_ours = await self._store._record_end(self, state)
-        except Exception:
-            log.failure("recording the end of stream {stream_id} failed", stream_id=self.id)
+            still_ours = await self._store._record_end(self, state, reason)
+        except CatalogError as e:
+            log.error("stream {stream_id}: {error}", stream_id=self.id, error=e)
+            # Never report success that was not recorded: the stream is aborted,
+            # and the store keeps retrying to write that down.
+            self._store._remember_unrecorded(self, reason or "the catalog could not record "
+                                             "how the stream ended")
             self._end(ABORTED)
-            raise StorageFailed(f"recording the end of stream {self.id} failed")
+            raise StorageFailed(f"recording the end of stream {self.id} failed") from e
+        if still_ours:
+            self._store._crash.reached("recorded")
         if self.outcome is None:
             self._end(state if still_ours else REPLACED)
         if self.outcome != state:
@@ -453,11 +479,21 @@ class IStreamStore(Interface):
 class _StoreBase:
     """Registry, locking and life cycle shared by the disk and memory stores."""
 
-    def __init__(self, clock, runners: Runners, fsync: str, fsync_interval: float):
+    def __init__(
+        self,
+        clock,
+        runners: Runners,
+        fsync: str = "interval",
+        fsync_interval: float = 1.0,
+        max_stream_bytes: int | None = None,
+        crash: CrashPoints | None = None,
+    ):
         self._clock = clock
         self._runners = runners
         self.fsync = fsync
         self._fsync_interval = fsync_interval
+        self.max_stream_bytes = max_stream_bytes
+        self._crash = crash or CrashPoints()
         self._live: dict[str, LiveStream] = {}
         self._locks: dict[str, DeferredLock] = {}
         self._observers: list[Callable[[LiveStream], None]] = []
@@ -465,12 +501,24 @@ class _StoreBase:
         self._sync_loop: LoopingCall | None = None
         self._sync_round: Deferred | None = None
         self._stopped = False
+        # Ends the catalog could not commit (disk full): served from here and
+        # retried until the catalog takes them.
+        self._unrecorded: dict[str, StreamRecord] = {}
+        self._retry_loop: LoopingCall | None = None
+
+    def _now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
 
     # life cycle
 
     def start(self) -> None:
         self._runners.start()
-        self._open_storage()
+        try:
+            self._open_storage()
+        except BaseException:
+            self._runners.stop()  # no thread may keep a failed start-up alive
+            self._close_storage()
+            raise
         if self.fsync == "interval":
             self._sync_loop = LoopingCall(self._sync_live_streams)
             self._sync_loop.clock = self._clock
@@ -493,13 +541,23 @@ class _StoreBase:
             if stream.on_cut is not None:
                 stream.on_cut(INTERRUPTED)
         results = await DeferredList(endings, consumeErrors=True)
+        clean = True
         for stream, (ok, result) in zip(streams, results):
             if not ok:
+                clean = False
                 log.warn(
                     "stream {stream_id} could not be recorded as interrupted: {error}",
                     stream_id=stream.id,
                     error=result.getErrorMessage(),
                 )
+        await self._retry_unrecorded()
+        if self._retry_loop is not None and self._retry_loop.running:
+            self._retry_loop.stop()
+        if clean and not self._unrecorded:
+            try:
+                await self._runners.catalog(self._thd_mark_clean_shutdown)
+            except CatalogError as e:
+                log.warn("could not record a clean shutdown: {error}", error=e)
         self._runners.stop()
         self._close_storage()
 
@@ -516,6 +574,35 @@ class _StoreBase:
 
         self._sync_round = DeferredList(pending, consumeErrors=True)
         self._sync_round.addCallback(done)
+
+    def _remember_unrecorded(self, stream: LiveStream, reason: str) -> None:
+        self._unrecorded[stream.id] = replace(
+            stream.record, state=ABORTED, size=stream.size,
+            finished_ms=self._now_ms(), reason=reason,
+        )
+        if self._retry_loop is None or not self._retry_loop.running:
+            self._retry_loop = LoopingCall(self._retry_unrecorded)
+            self._retry_loop.clock = self._clock
+            self._retry_loop.start(1.0, now=False).addErrback(
+                lambda f: log.failure("retrying catalog writes failed", f))
+
+    async def _retry_unrecorded(self) -> None:
+        """Try again to write down the ends the catalog refused earlier."""
+        for stream_id, record in list(self._unrecorded.items()):
+            try:
+                await self._runners.catalog(
+                    self._thd_record_end, record, record.state, record.size,
+                    record.finished_ms, record.reason,
+                )
+            except CatalogError:
+                return  # still failing: try again on the next round
+            if self._unrecorded.get(stream_id) is record:
+                del self._unrecorded[stream_id]
+                log.info("stream {stream_id}: its end is recorded at last ({state}, "
+                         "{size} bytes)", stream_id=stream_id, state=record.state,
+                         size=record.size)
+        if not self._unrecorded and self._retry_loop is not None and self._retry_loop.running:
+            self._retry_loop.stop()
 
     # registry
 
@@ -557,29 +644,31 @@ class _StoreBase:
         lock = self._locks.setdefault(stream_id, DeferredLock())
         await lock.acquire()
         try:
-            if not force and (stream_id in self._live or self._get_record(stream_id)):
+            if not force and (
+                stream_id in self._live
+                or stream_id in self._unrecorded
+                or self._get_record(stream_id)
+            ):
                 raise StreamExists(stream_id)
             record = StreamRecord(
                 id=stream_id,
-                storage=_storage_name(stream_id),
+                storage=new_storage_name(stream_id),
                 metadata=metadata_json,
                 state="live",
                 size=0,
-                created_ms=int(self._clock.seconds() * 1000),
+                created_ms=self._now_ms(),
             )
             try:
                 data, replaced_storage = await self._runners.catalog(
                     self._thd_create, record, force
                 )
-            except StreamExists:
-                raise
-            except OSError as e:
-                log.error(
-                    "creating stream {stream_id} failed: {error}",
-                    stream_id=stream_id,
-                    error=e.strerror,
-                )
-                raise StorageFailed(f"creating the stream failed: {e.strerror}")
+            except (OSError, CatalogError) as e:
+                log.error("creating stream {stream_id} failed: {error}",
+                          stream_id=stream_id, error=_describe(e))
+                raise StorageFailed(
+                    f"Loom could not create the stream: {_describe(e)}."
+                ) from e
+            self._unrecorded.pop(stream_id, None)
             old = self._live.get(stream_id)
             stream = LiveStream(self, record, data)
             stream.replaced = replaced_storage is not None
@@ -587,7 +676,12 @@ class _StoreBase:
             if old is not None:
                 old.cut(REPLACED)
             if replaced_storage is not None:
-                await self._runners.io(self._thd_remove_data, replaced_storage)
+                try:
+                    await self._runners.io(self._thd_remove_data, replaced_storage)
+                except OSError as e:
+                    # The old file is an orphan now; the next reconciliation removes it.
+                    log.warn("stream {stream_id}: removing the replaced data failed: {error}",
+                             stream_id=stream_id, error=_describe(e))
                 log.info("stream {stream_id} replaced", stream_id=stream_id)
             for observer in list(self._observers):
                 observer(stream)
@@ -597,20 +691,25 @@ class _StoreBase:
             if not lock.locked and not lock.waiting:
                 self._locks.pop(stream_id, None)
 
-    async def _record_end(self, stream: LiveStream, state: str) -> bool:
-        finished_ms = int(self._clock.seconds() * 1000)
+    async def _record_end(self, stream: LiveStream, state: str, reason: str | None) -> bool:
+        finished_ms = self._now_ms()
         ok = await self._runners.catalog(
-            self._thd_record_end, stream.record, state, stream.size, finished_ms
+            self._thd_record_end, stream.record, state, stream.size, finished_ms, reason
         )
         if ok:
             stream.record = replace(
-                stream.record, state=state, size=stream.size, finished_ms=finished_ms
+                stream.record,
+                state=state,
+                size=stream.size,
+                finished_ms=finished_ms,
+                reason=reason,
             )
             log.info(
-                "stream {stream_id} {state}, {size} bytes",
+                "stream {stream_id} {state}, {size} bytes{why}",
                 stream_id=stream.id,
                 state=state,
                 size=stream.size,
+                why=f" ({reason})" if reason else "",
             )
         return ok
 
@@ -620,10 +719,34 @@ class _StoreBase:
         live = self._live.get(stream_id)
         if live is not None:
             return StreamHandle(live.record, live.file.acquire(), live)
-        record = self._get_record(stream_id)
+        try:
+            record = self._unrecorded.get(stream_id) or self._get_record(stream_id)
+        except CatalogError as e:
+            log.error("reading the catalog failed: {error}", error=e)
+            raise StorageFailed("Loom could not read its catalog.") from e
         if record is None:
             raise StreamNotFound(stream_id)
-        return StreamHandle(record, self._open_data(record), None)
+        data = self._open_data(record)
+        available = data.size()
+        if available < record.size:
+            record = self._found_damaged(
+                record, available, f"the data file holds {available} of {record.size} bytes"
+            )
+        return StreamHandle(record, data, None)
+
+    def _found_damaged(self, record: StreamRecord, available: int, reason: str) -> StreamRecord:
+        """A stream's file lost bytes behind Loom's back: record it damaged, serve what is left."""
+        log.error("stream {stream_id} is damaged: {reason}", stream_id=record.id, reason=reason)
+        damaged = replace(record, state=DAMAGED, size=available, reason=reason)
+
+        def failed(failure):
+            log.error("recording damage to {stream_id} failed: {error}",
+                      stream_id=record.id, error=failure.getErrorMessage())
+
+        self._runners.catalog(
+            self._thd_record_end, record, DAMAGED, available, None, reason
+        ).addErrback(failed)
+        return damaged
 
     # what each store provides
 
@@ -643,14 +766,23 @@ class _StoreBase:
         """Create the data file and the catalog row; return (file, replaced storage)."""
         raise NotImplementedError
 
-    def _thd_record_end(self, record: StreamRecord, state: str, size: int, at_ms: int):
+    def _thd_record_end(self, record, state, size, at_ms, reason) -> bool:
         raise NotImplementedError
 
     def _thd_remove_data(self, storage: str) -> None:
         raise NotImplementedError
 
+    def _thd_mark_clean_shutdown(self) -> None:
+        raise NotImplementedError
 
-def _storage_name(stream_id: str) -> str:
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error)
+
+
+def new_storage_name(stream_id: str) -> str:
     """A file name for a new generation of ``stream_id``: never the raw id.
 
     The id is base32-encoded (so the name is safe on any file system and the
@@ -673,24 +805,26 @@ def stream_id_of_storage(storage: str) -> str | None:
 
 @implementer(IStreamStore)
 class DiskStore(_StoreBase):
-    """Streams in ``<data_dir>/streams/<xx>/<storage>.data`` with a SQLite catalog."""
+    """Streams in ``<data_dir>/streams/<xx>/<storage>.data`` with a SQLite catalog.
 
-    def __init__(
-        self,
-        data_dir: str,
-        clock,
-        runners: Runners,
-        fsync: str = "interval",
-        fsync_interval: float = 1.0,
-    ):
-        super().__init__(clock, runners, fsync, fsync_interval)
+    ``fs`` and ``crash`` are the fault-injection seams (see loom.faults).
+    """
+
+    def __init__(self, data_dir: str, clock, runners: Runners, fs: FileSystem | None = None,
+                 **options):
+        super().__init__(clock, runners, **options)
         self.data_dir = FilePath(os.path.abspath(data_dir))
+        self._fs = fs or FileSystem()
         self._writer: Catalog | None = None
         self._reader: Catalog | None = None
 
     @property
     def catalog_path(self) -> str:
         return self.data_dir.child("catalog.sqlite3").path
+
+    @property
+    def quarantine(self) -> FilePath:
+        return self.data_dir.child("quarantine")
 
     def data_path(self, storage: str) -> FilePath:
         """Where the data of storage name ``storage`` lives."""
@@ -701,7 +835,8 @@ class DiskStore(_StoreBase):
         self.data_dir.child("streams").makedirs(ignoreExistingDirectory=True)
         self._writer = Catalog(self.catalog_path)
         self._reader = Catalog(self.catalog_path, readonly=True)
-        self._recover()
+        recovery = Recovery(self, self._writer, self._now_ms())
+        recovery.run()
 
     def _close_storage(self) -> None:
         for catalog in (self._reader, self._writer):
@@ -709,53 +844,28 @@ class DiskStore(_StoreBase):
                 catalog.close()
         self._reader = self._writer = None
 
-    def _recover(self) -> None:
-        """Streams left live by a crash become interrupted, sized by what is on disk."""
-        now_ms = int(self._clock.seconds() * 1000)
-        for record in self._writer.records_in_state("live"):
-            path = self.data_path(record.storage)
-            try:
-                size = path.getsize()
-            except OSError:
-                size = 0
-                log.warn(
-                    "stream {stream_id} was live but its data file is missing",
-                    stream_id=record.id,
-                )
-            self._writer.finish(record.id, record.storage, INTERRUPTED, size, now_ms)
-            log.info(
-                "stream {stream_id} was live when Loom stopped: now interrupted, "
-                "{size} bytes",
-                stream_id=record.id,
-                size=size,
-            )
-
     def _get_record(self, stream_id: str) -> StreamRecord | None:
         return self._reader.get(stream_id)
 
-    def _open_data(self, record: StreamRecord) -> DataFile:
+    def _open_data(self, record: StreamRecord):
         try:
-            fd = os.open(self.data_path(record.storage).path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = self._fs.open(self.data_path(record.storage).path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            if record.size == 0:
-                return MemoryFile(bytearray())
-            log.error(
-                "stream {stream_id}: data file missing ({size} bytes lost)",
-                stream_id=record.id,
-                size=record.size,
-            )
-            raise StorageFailed(f"The data of stream {record.id} is missing.")
-        return DataFile(fd)
+            return MemoryFile(bytearray())  # nothing on disk: size() reports the loss
+        except OSError as e:
+            log.error("stream {stream_id}: opening its data failed: {error}",
+                      stream_id=record.id, error=_describe(e))
+            raise StorageFailed(f"Loom could not read stream {record.id}: {_describe(e)}.")
+        return DataFile(fd, self._fs)
 
     def _thd_create(self, record: StreamRecord, force: bool):
         path = self.data_path(record.storage)
         directory = path.parent()
         directory.makedirs(ignoreExistingDirectory=True)
-        fd = os.open(
-            path.path,
-            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
-            0o644,
+        fd = self._fs.open(
+            path.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
         )
+        self._crash.reached("file-created")
         try:
             if force:
                 replaced = self._writer.replace(record)
@@ -763,19 +873,105 @@ class DiskStore(_StoreBase):
                 self._writer.insert(record)
                 replaced = None
         except BaseException:
-            os.close(fd)
-            os.unlink(path.path)
+            self._fs.close(fd)
+            try:
+                self._fs.unlink(path.path)
+            except OSError:
+                pass  # an orphan: reconciliation removes it
             raise
-        return DataFile(fd, directory.path), replaced
+        return DataFile(fd, self._fs, directory.path), replaced
 
-    def _thd_record_end(self, record, state, size, at_ms) -> bool:
-        return self._writer.finish(record.id, record.storage, state, size, at_ms)
+    def _thd_record_end(self, record, state, size, at_ms, reason) -> bool:
+        return self._writer.finish(record.id, record.storage, state, size, at_ms, reason)
 
     def _thd_remove_data(self, storage: str) -> None:
         try:
-            os.unlink(self.data_path(storage).path)
+            self._fs.unlink(self.data_path(storage).path)
         except FileNotFoundError:
             pass
+
+    def _thd_mark_clean_shutdown(self) -> None:
+        self._writer.set_setting("clean_shutdown", "1")
+
+
+class Recovery:
+    """Reconciles the catalog with the files at start-up, before anything is served.
+
+    Always: the catalog's integrity is checked, and streams left live become
+    interrupted, sized by what is on disk. After an unclean shutdown, also:
+    every row is compared with its file (a shorter or missing file makes the stream
+    damaged; bytes beyond the recorded size are never served), and files no
+    row owns are removed (empty, or an old generation of a replaced stream)
+    or moved to ``quarantine/`` for an operator to look at.
+    """
+
+    def __init__(self, store: DiskStore, catalog: Catalog, now_ms: int):
+        self._store = store
+        self._catalog = catalog
+        self._now_ms = now_ms
+
+    def run(self) -> None:
+        problems = self._catalog.integrity_problems()
+        if problems:
+            raise CatalogError(f"the catalog {self._catalog.path} is damaged: {problems[0]}")
+        clean = self._catalog.get_setting("clean_shutdown") == "1"
+        self._catalog.set_setting("clean_shutdown", "0")
+        self._interrupt_live_streams()
+        if not clean:
+            self._reconcile()
+
+    def _interrupt_live_streams(self) -> None:
+        for record in self._catalog.records_in_state("live"):
+            try:
+                size = self._store.data_path(record.storage).getsize()
+            except OSError:
+                size = 0
+                log.warn("stream {stream_id} was live but its data file is missing",
+                         stream_id=record.id)
+            self._catalog.finish(record.id, record.storage, INTERRUPTED, size, self._now_ms,
+                                 "Loom stopped while the stream was live")
+            log.info("stream {stream_id} was live when Loom stopped: now interrupted, "
+                     "{size} bytes", stream_id=record.id, size=size)
+
+    def _data_files(self) -> dict[str, str]:
+        files = {}
+        for bucket in os.scandir(self._store.data_dir.child("streams").path):
+            if bucket.is_dir(follow_symlinks=False):
+                for entry in os.scandir(bucket.path):
+                    if entry.name.endswith(".data") and entry.is_file(follow_symlinks=False):
+                        files[entry.name[: -len(".data")]] = entry.path
+        return files
+
+    def _reconcile(self) -> None:
+        files = self._data_files()
+        owners = {}
+        for stream_id, storage, size, _state in self._catalog.all_sizes():
+            owners[stream_id] = storage
+            path = files.pop(storage, None)
+            found = os.stat(path).st_size if path else 0
+            if found < size:
+                reason = (f"the data file holds {found} of {size} bytes" if path
+                          else f"the data file is missing ({size} bytes recorded)")
+                log.error("stream {stream_id} is damaged: {reason}",
+                          stream_id=stream_id, reason=reason)
+                self._catalog.finish(stream_id, storage, DAMAGED, found, None, reason)
+            elif found > size:
+                log.warn("stream {stream_id}: {extra} bytes beyond its recorded end are "
+                         "never served", stream_id=stream_id, extra=found - size)
+        for storage, path in files.items():
+            stream_id = stream_id_of_storage(storage)
+            size = os.stat(path).st_size
+            if size == 0 or (stream_id is not None and stream_id in owners):
+                os.unlink(path)
+                log.info("removed {path}: no stream owns it ({size} bytes)",
+                         path=path, size=size)
+            else:
+                self._store.quarantine.makedirs(ignoreExistingDirectory=True)
+                target = self._store.quarantine.child(os.path.basename(path)).path
+                os.rename(path, target)
+                log.warn("{path} ({size} bytes, stream {stream_id}) belongs to no stream "
+                         "in the catalog: moved to {target}",
+                         path=path, size=size, stream_id=stream_id, target=target)
 
 
 @implementer(IStreamStore)
@@ -786,26 +982,19 @@ class MemoryStore(_StoreBase):
     simulate a restart.
     """
 
-    def __init__(
-        self,
-        clock,
-        runners: Runners | None = None,
-        fsync: str = "interval",
-        fsync_interval: float = 1.0,
-        records: dict | None = None,
-        files: dict | None = None,
-    ):
-        super().__init__(clock, runners or InlineRunners(), fsync, fsync_interval)
+    def __init__(self, clock, runners: Runners | None = None, records: dict | None = None,
+                 files: dict | None = None, **options):
+        super().__init__(clock, runners or InlineRunners(), **options)
         self.records: dict[str, StreamRecord] = {} if records is None else records
         self.files: dict[str, bytearray] = {} if files is None else files
 
     def _open_storage(self) -> None:
-        now_ms = int(self._clock.seconds() * 1000)
         for record in list(self.records.values()):
             if record.state == "live":
                 size = len(self.files.get(record.storage, b""))
                 self.records[record.id] = replace(
-                    record, state=INTERRUPTED, size=size, finished_ms=now_ms
+                    record, state=INTERRUPTED, size=size, finished_ms=self._now_ms(),
+                    reason="Loom stopped while the stream was live",
                 )
 
     def _close_storage(self) -> None:
@@ -825,14 +1014,18 @@ class MemoryStore(_StoreBase):
         self.files[record.storage] = bytearray()
         return MemoryFile(self.files[record.storage]), (old.storage if old else None)
 
-    def _thd_record_end(self, record, state, size, at_ms):
+    def _thd_record_end(self, record, state, size, at_ms, reason):
         current = self.records.get(record.id)
         if current is None or current.storage != record.storage:
             return False
         self.records[record.id] = replace(
-            current, state=state, size=size, finished_ms=at_ms
+            current, state=state, size=size, finished_ms=at_ms or current.finished_ms,
+            reason=reason,
         )
         return True
 
     def _thd_remove_data(self, storage):
         self.files.pop(storage, None)
+
+    def _thd_mark_clean_shutdown(self):
+        pass

@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from loom.config import SETTINGS, load_config
 from loom.errors import ConfigError
+from loom.faults import crash_points_from
 from loom.service import LoomService, StartupError
 
 
@@ -98,7 +99,12 @@ def makeService(options: Options) -> LoomService:
     _raise_open_file_limit()
     from twisted.internet import reactor
 
-    return _CommandLineService(loaded.config, reactor, warnings=loaded.warnings)
+    return _CommandLineService(
+        loaded.config,
+        reactor,
+        warnings=loaded.warnings,
+        crash=crash_points_from(os.environ.get("LOOM_CRASH_AT")),
+    )
 
 
 __all__ = ["Options", "makeService"]

@@ -10,17 +10,21 @@ import json
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol, ProcessProtocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
 
 from loom.config import Config
+from loom.faults import FileSystem
 from loom.service import LoomService
 from loom.store import DiskStore, InlineRunners, MemoryStore
 from loom.web.auth import BearerAuth
@@ -29,6 +33,10 @@ from loom.web.site import LoomSite
 
 REPO = Path(__file__).resolve().parent.parent
 GUARD_SECONDS = 30.0
+# Every token in the tests contains this, so the log of the whole run can be searched for it.
+SECRET_MARK = "sekrit"
+# Everything child processes printed, for that search.
+CHILD_OUTPUT: list[str] = []
 
 
 def guard(d: Deferred, seconds: float = GUARD_SECONDS) -> Deferred:
@@ -89,13 +97,18 @@ def make_fake_site(
     max_metadata_bytes: int = 8192,
     producer_idle_timeout: float | None = 3600.0,
     idle_timeout: float = 60.0,
+    header_timeout: float = 30.0,
+    max_connections: int = 10000,
+    stalled_reader_timeout: float | None = 600.0,
+    max_stream_bytes: int | None = None,
 ) -> FakeSite:
     clock = clock or Clock()
     if store is None:
         if data_dir is not None:
-            store = DiskStore(data_dir, clock, InlineRunners(), fsync=fsync)
+            store = DiskStore(data_dir, clock, InlineRunners(), fsync=fsync,
+                              max_stream_bytes=max_stream_bytes)
         else:
-            store = MemoryStore(clock, fsync=fsync)
+            store = MemoryStore(clock, fsync=fsync, max_stream_bytes=max_stream_bytes)
     store.start()
     app = LoomApp(
         store,
@@ -103,8 +116,11 @@ def make_fake_site(
         BearerAuth(tokens),
         max_metadata_bytes=max_metadata_bytes,
         producer_idle_timeout=producer_idle_timeout,
+        stalled_reader_timeout=stalled_reader_timeout,
     )
-    site = LoomSite(Root(app), clock, idle_timeout=idle_timeout)
+    site = LoomSite(Root(app), clock, idle_timeout=idle_timeout, header_timeout=header_timeout,
+                    max_connections=max_connections,
+                    max_head_bytes=max(64 * 1024, max_metadata_bytes + 8192))
     return FakeSite(clock, store, site, app)
 
 
@@ -158,8 +174,8 @@ class RawClient(Protocol):
 
     def connectionLost(self, reason):
         self.reason = reason
-        self._check(final=True)
         self.closed.callback(None)
+        self._check(final=True)
 
     def send(self, data: bytes) -> None:
         self.transport.write(data)
@@ -244,6 +260,7 @@ class _Collector(ProcessProtocol):
                 d.callback(match)
 
     def processEnded(self, reason):
+        CHILD_OUTPUT.append((self.out + self.err).decode("utf-8", "replace"))
         self.exit_code = reason.value.exitCode
         self.exit_signal = reason.value.signal
         for pattern, d in self._line_waiters:
@@ -414,3 +431,99 @@ async def start_producer(port: int, stream_id: bytes, first: bytes = b"",
                   + (chunk(first) if first else b""))
     await producer.wait_for(b"201 Created")
     return producer
+
+
+class FaultyFileSystem(FileSystem):
+    """The real file system, except that chosen calls fail.
+
+    ``fail(op, at, error)`` makes the ``at``-th call of ``op`` (write, fsync,
+    open) and every later one raise ``error`` until ``heal()``. As on a
+    filling disk, the first failing write is short (half its data lands, and
+    the count says so) and the next call raises.
+    """
+
+    def __init__(self):
+        self.calls: dict[str, int] = {}
+        self.plan: dict[str, tuple[int, int]] = {}
+        self.failures = 0
+        self._short_write_done = False
+
+    def fail(self, op: str, at: int, error: int) -> None:
+        self.plan[op] = (self.calls.get(op, 0) + at, error)
+
+    def heal(self) -> None:
+        self.plan.clear()
+        self._short_write_done = False
+
+    def _due(self, op: str) -> int | None:
+        self.calls[op] = self.calls.get(op, 0) + 1
+        planned = self.plan.get(op)
+        if planned and self.calls[op] >= planned[0]:
+            self.failures += 1
+            return planned[1]
+        return None
+
+    def open(self, path, flags, mode=0o644):
+        error = self._due("open") if flags & os.O_CREAT else None
+        if error:
+            raise OSError(error, os.strerror(error))
+        return super().open(path, flags, mode)
+
+    def write(self, fd, data):
+        error = self._due("write")
+        if error:
+            if not self._short_write_done and len(data) > 1:
+                self._short_write_done = True
+                return super().write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(error, os.strerror(error))
+        return super().write(fd, data)
+
+    def fsync(self, fd):
+        error = self._due("fsync")
+        if error:
+            raise OSError(error, os.strerror(error))
+        super().fsync(fd)
+
+
+@implementer(IPushProducer)
+class ChunkPump:
+    """Writes ``total`` bytes to a raw producer as chunked-encoding chunks, honouring
+    back-pressure, then the final chunk. ``piece()`` makes each chunk's payload."""
+
+    def __init__(self, client: RawClient, total: int, piece):
+        self.client = client
+        self.remaining = total
+        self.piece = piece
+        self.paused = False
+        self.finished = guard(Deferred(), 300)
+
+    def start(self):
+        self.started = time.monotonic()
+        self.client.transport.registerProducer(self, True)
+        self._pump()
+
+    def _pump(self):
+        burst = 0
+        while not self.paused and self.remaining > 0:
+            payload = self.piece()
+            self.client.send(chunk(payload))
+            self.remaining -= len(payload)
+            burst += len(payload)
+            if burst >= 4 * 1024 * 1024:
+                reactor.callLater(0, self._pump)  # let the reactor breathe
+                return
+        if self.remaining <= 0 and not self.finished.called:
+            self.client.transport.unregisterProducer()
+            self.client.send(b"0\r\n\r\n")
+            self.seconds = time.monotonic() - self.started
+            self.finished.callback(None)
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        self._pump()
+
+    def stopProducing(self):
+        self.paused = True

@@ -92,16 +92,16 @@ async def test_a_quiet_pipe_keeps_the_stream_open(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_generated_id_metadata_and_token(tmp_path):
     """No id: the server's id is printed to stderr; --meta, -m and $LOOM_TOKEN are sent."""
-    server = await start_server(tmp_path / "data", tokens=("t0ken",))
+    server = await start_server(tmp_path / "data", tokens=("sekrit-t0ken",))
     try:
         code, out, err = await run(
             STREAM + [server.url, "--meta", '{"job": "build", "n": 1}', "-m", "branch=main",
                       "-m", "n=2"],
-            env=child_environment(LOOM_TOKEN="t0ken"), stdin=b"payload\n")
+            env=child_environment(LOOM_TOKEN="sekrit-t0ken"), stdin=b"payload\n")
         assert code == 0, err
         stream_id = re.search(rb"stream (loom-[\w-]+): ", err).group(1).decode()
         response = await treq.get(f"{server.url}/stream/{stream_id}",
-                                  headers={"Authorization": "Bearer t0ken"})
+                                  headers={"Authorization": "Bearer sekrit-t0ken"})
         assert await response.content() == b"payload\n"
         import json
 

@@ -19,7 +19,7 @@ from loom.client import (
     StreamNotFound,
     Unauthorized,
 )
-from tests.helpers import chunk, guard, make_tls_files, start_server, start_producer
+from tests.helpers import chunk, guard, make_tls_files, start_producer, start_server
 
 
 @implementer(IBodyProducer, IPushProducer)
@@ -153,13 +153,13 @@ async def test_push_raises_when_the_server_cuts_the_stream(server):
 @pytest_twisted.ensureDeferred
 async def test_clear_errors(server, tmp_path):
     """401, 404, 409 and refused connections become distinct, readable exceptions."""
-    secured = await start_server(tmp_path / "secured", tokens=("right",))
+    secured = await start_server(tmp_path / "secured", tokens=("sekrit-right",))
     try:
         with pytest.raises(Unauthorized, match="unauthorized"):
             await LoomClient(secured.url, token="wrong").push(body(b"x"), "a")
         with pytest.raises(Unauthorized):
             await LoomClient(secured.url).follow("a", lambda d: None)
-        result = await LoomClient(secured.url, token="right").push(body(b"ok"), "a")
+        result = await LoomClient(secured.url, token="sekrit-right").push(body(b"ok"), "a")
         assert result.bytes_sent == 2
     finally:
         await secured.service.stopService()

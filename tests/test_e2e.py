@@ -6,10 +6,18 @@ import time
 import pytest
 import pytest_twisted
 import treq
-from twisted.web.client import ResponseFailed
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.web.client import ResponseFailed
 
-from tests.helpers import chunk, guard, raw_connect, run, spawn, start_server, start_producer
+from tests.helpers import (
+    chunk,
+    guard,
+    raw_connect,
+    run,
+    spawn,
+    start_producer,
+    start_server,
+)
 
 CURL = ["/usr/bin/curl", "--silent", "--show-error"]
 
@@ -198,15 +206,15 @@ async def test_force_replace_ends_old_followers_and_removes_old_bytes(server):
 @pytest_twisted.ensureDeferred
 async def test_bearer_tokens_end_to_end(tmp_path):
     """With tokens configured, curl needs the token; 401 carries WWW-Authenticate."""
-    running = await start_server(tmp_path / "data", tokens=("token1", "token2"))
+    running = await start_server(tmp_path / "data", tokens=("sekrit-token1", "sekrit-token2"))
     try:
         url = running.url + "/stream/secret"
         code, out, err = await run(CURL + ["-i", "-X", "POST", url, "--data-binary", "x"])
         assert b"401 Unauthorized" in out and b'WWW-Authenticate: Bearer realm="loom"' in out
-        code, out, err = await run(CURL + ["-X", "POST", "-H", "Authorization: Bearer token1",
+        code, out, err = await run(CURL + ["-X", "POST", "-H", "Authorization: Bearer sekrit-token1",
                                            url, "--data-binary", "classified"])
         assert code == 0
-        code, out, err = await run(CURL + ["-H", "Authorization: Bearer token2", url])
+        code, out, err = await run(CURL + ["-H", "Authorization: Bearer sekrit-token2", url])
         assert out == b"classified"
         code, out, err = await run(CURL + ["-i", "-H", "Authorization: Bearer token3", url])
         assert b"401" in out and b"classified" not in out

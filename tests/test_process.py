@@ -4,69 +4,27 @@ import os
 import shutil
 import socket
 import sys
+import time
 
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
-from zope.interface import implementer
 
 from tests.helpers import (
-    start_producer,
     REPO,
     TWISTD,
-    chunk,
+    ChunkPump,
     child_environment,
-    guard,
+    chunk,
     raw_connect,
     run,
     spawn,
+    start_producer,
     start_server_process,
 )
 from tests.test_e2e import CURL, Follow
 
 MiB = 1024 * 1024
-
-
-@implementer(IPushProducer)
-class ChunkPump:
-    """Writes ``total`` bytes as chunked-encoding chunks, honouring back-pressure."""
-
-    def __init__(self, transport, total: int, size: int = 64 * 1024):
-        self.transport = transport
-        self.remaining = total
-        self.piece = chunk(b"z" * size)
-        self.size = size
-        self.paused = False
-        self.finished = guard(Deferred(), 120)
-
-    def start(self):
-        self.transport.registerProducer(self, True)
-        self._pump()
-
-    def _pump(self):
-        while not self.paused and self.remaining > 0:
-            self.transport.write(self.piece)
-            self.remaining -= self.size
-            if self.remaining % (8 * MiB) == 0:
-                reactor.callLater(0, self._pump)  # let the reactor breathe
-                return
-        if self.remaining <= 0 and not self.finished.called:
-            self.transport.unregisterProducer()
-            self.transport.write(b"0\r\n\r\n")
-            self.finished.callback(None)
-
-    def pauseProducing(self):
-        self.paused = True
-
-    def resumeProducing(self):
-        self.paused = False
-        self._pump()
-
-    def stopProducing(self):
-        self.paused = True
 
 
 @pytest_twisted.ensureDeferred
@@ -82,7 +40,8 @@ async def test_stalled_consumer_costs_no_memory(tmp_path):
         reader = spawn(CURL + ["--no-buffer", "-o", "/dev/null", "-w", "%{size_download}",
                                server.url + "/stream/big"])
         baseline = server.rss_kib()
-        pump = ChunkPump(producer.transport, 200 * MiB)
+        piece = b"z" * (64 * 1024)
+        pump = ChunkPump(producer, 200 * MiB, lambda: piece)
         pump.start()
         await pump.finished
         await producer.wait_for(b"0\r\n\r\n")  # stored and complete
@@ -134,8 +93,10 @@ async def test_sigterm_interrupts_live_streams_and_cuts_followers(tmp_path):
     producer = await start_producer(server.port, b"term", b"before term\n")
     curl = spawn(CURL + ["--no-buffer", server.url + "/stream/term"])
     await curl.protocol.wait_for_output("before term")
+    signalled = time.monotonic()
     server.process.signal("TERM")
     ended = await server.process.wait(5)
+    print(f"SIGTERM to exit: {time.monotonic() - signalled:.2f} s")
     assert ended.exit_code == 0 or ended.exit_signal == 15  # twistd re-raises the signal
     follower = await curl.wait()
     assert follower.exit_code == 18  # closed without the final chunk
@@ -164,6 +125,26 @@ async def test_config_errors_are_one_line_without_traceback(tmp_path):
     code, out, err = await run(TWISTD + ["-n", "--pidfile=", "loom", "-c", "nowhere.yml"],
                                cwd=str(tmp_path))
     assert code == 1 and b"nowhere.yml: cannot read it" in err and b"Traceback" not in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_damaged_catalog_is_one_line_and_exit_1(tmp_path):
+    """A corrupt catalog stops start-up with one line naming it, not a traceback."""
+    data = tmp_path / "data"
+    server = await start_server_process(data)
+    response = await treq.post(server.url + "/stream/x", data=b"x")
+    await response.content()
+    await server.stop()
+    catalog = data / "catalog.sqlite3"
+    size = catalog.stat().st_size
+    with open(catalog, "r+b") as f:
+        f.seek(4096)
+        f.write(b"\xff" * (size - 4096))
+    code, out, err = await run(TWISTD + ["-n", "--pidfile=", "loom", "--data-dir", str(data),
+                                         "-p", "0"], cwd=str(tmp_path))
+    text = (out + err).decode()
+    assert code == 1 and "Traceback" not in text
+    assert "loom: cannot open the data directory" in text and "catalog" in text
 
 
 @pytest_twisted.ensureDeferred

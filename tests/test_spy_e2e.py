@@ -7,8 +7,14 @@ import pytest_twisted
 import treq
 from twisted.internet.defer import gatherResults
 
-from tests.helpers import chunk, raw_connect, start_server_process, start_producer
-from tests.test_process import MiB, ChunkPump
+from tests.helpers import (
+    ChunkPump,
+    chunk,
+    raw_connect,
+    start_producer,
+    start_server_process,
+)
+from tests.test_process import MiB
 
 
 @pytest_twisted.ensureDeferred
@@ -71,9 +77,9 @@ async def test_stalled_spy_client_costs_no_memory_and_loses_nothing_silently(tmp
         spy.transport.pauseProducing()  # the spy client stops reading
         baseline = server.rss_kib()
         line = b"y" * 99 + b"\n"
-        pumps = [ChunkPump(p.transport, 50 * MiB, size=len(line) * 655) for p in producers]
+        piece = line * 655
+        pumps = [ChunkPump(p, 50 * MiB, lambda: piece) for p in producers]
         for pump in pumps:
-            pump.piece = chunk(line * 655)
             pump.start()
         await gatherResults([pump.finished for pump in pumps])
         await gatherResults([p.wait_for(b"0\r\n\r\n") for p in producers])

@@ -9,7 +9,6 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from loom.errors import StorageFailed, StreamCut, StreamExists, StreamNotFound
-from tests.helpers import ManualRunners
 from loom.store import (
     ABORTED,
     COMPLETE,
@@ -21,6 +20,7 @@ from loom.store import (
     MemoryStore,
     stream_id_of_storage,
 )
+from tests.helpers import ManualRunners
 
 
 class Stores:
@@ -380,3 +380,33 @@ def test_a_failed_background_sync_poisons_the_stream(stores):
         result(stream.complete())
     assert len(calls) == 1
     assert read_all(store, "s1")[1] == "aborted"
+
+
+def test_an_end_the_catalog_refuses_is_served_and_retried(stores):
+    """Disk full for SQLite too: the stream reads as aborted with its bytes, and the end is
+    written to the catalog once it accepts writes again."""
+    from loom.catalog import CatalogError
+
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"kept bytes")
+    real = store._thd_record_end
+    refusing = [True]
+
+    def record_end(*args):
+        if refusing[0]:
+            raise CatalogError("catalog finish failed: database or disk is full")
+        return real(*args)
+
+    store._thd_record_end = record_end
+    with pytest.raises(StorageFailed):
+        result(stream.complete())  # never a success that was not written down
+    assert read_all(store, "s1") == (b"kept bytes", "aborted")
+    with pytest.raises(StreamExists):
+        result(store.create("s1", "{}"))
+    stores.clock.advance(1.0)
+    assert store._unrecorded  # still refused: kept, retried
+    refusing[0] = False
+    stores.clock.advance(1.0)
+    assert not store._unrecorded
+    assert read_all(stores.make(), "s1") == (b"kept bytes", "aborted")

@@ -42,6 +42,8 @@ class BearerAuth:
         scheme, _, credentials = values[0].partition(b" ")
         if scheme.lower() != b"bearer" or not credentials:
             raise Unauthorized("Use Authorization: Bearer <token>.")
+        if getattr(request, "authorization_padded", False):
+            raise Unauthorized("The bearer token is not valid.")  # "token " is not "token"
         offered = _digest(credentials)
         matched = False
         for known in self._digests:

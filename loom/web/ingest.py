@@ -20,6 +20,7 @@ Tested against Twisted 26.10 with raw bytes through a real channel
 
 from __future__ import annotations
 
+import socket
 from urllib.parse import parse_qs
 
 from twisted.internet.defer import Deferred
@@ -27,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
-from loom.errors import StorageFailed, StreamCut
+from loom.errors import StorageFailed, StreamCut, StreamTooLarge
 from loom.store import LiveStream
 from loom.web.responses import answer_failure
 
@@ -38,7 +39,12 @@ LINGER_SECONDS = 2.0
 
 
 class LoomChannel(http.HTTPChannel):
-    """An HTTPChannel that lets requests act as soon as their headers are complete."""
+    """An HTTPChannel that lets requests act as soon as their headers are complete.
+
+    It also enforces the limits on request heads: a deadline for the whole
+    head (a client trickling bytes cannot hold a connection forever) and a
+    size limit answered with 431 rather than a silent disconnect.
+    """
 
     idle_timeout: float | None = None
     _holding_continue = False
@@ -46,10 +52,13 @@ class LoomChannel(http.HTTPChannel):
     _discarding = False
     _linger_call = None
     _read_pauses = 0
+    _head_call = None
+    _awaiting_head = True
 
     def connectionMade(self):
         # Site.buildProtocol set timeOut to the keep-alive idle timeout.
         self.idle_timeout = self.timeOut
+        self.MAX_LENGTH = self.totalHeadersSize = self.site.max_head_bytes
         self.site.channels.add(self)
         super().connectionMade()
 
@@ -59,18 +68,64 @@ class LoomChannel(http.HTTPChannel):
     # base class look for a request that is gone.
 
     def dataReceived(self, data):
-        if not self._discarding:
-            super().dataReceived(data)
+        if self._discarding:
+            return
+        if self._awaiting_head and self._head_call is None:
+            self._head_call = self.callLater(self.site.header_timeout, self._head_too_slow)
+        super().dataReceived(data)
 
     def lineReceived(self, line):
-        if not self._discarding:
-            super().lineReceived(line)
+        if self._discarding:
+            return
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuse_head(431, "Request Header Fields Too Large",
+                              "The request's headers are too large.")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line):
+        # LineReceiver would silently drop the connection.
+        self._refuse_head(431, "Request Header Fields Too Large",
+                          "A request header line is too long.")
+
+    def headerReceived(self, line):
+        # Twisted strips trailing whitespace from values; a token must be exact.
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"authorization" and value != value.rstrip():
+            self.requests[-1].authorization_padded = True
+        return super().headerReceived(line)
+
+    def _head_too_slow(self) -> None:
+        self._head_call = None
+        self._refuse_head(408, "Request Timeout",
+                          "The request's headers did not arrive in time.")
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_call is not None and self._head_call.active():
+            self._head_call.cancel()
+        self._head_call = None
+
+    def _refuse_head(self, code: int, phrase: str, message: str) -> None:
+        """Answer a request whose head cannot be accepted, and close."""
+        self._cancel_head_deadline()
+        if self._discarding or self.transport is None:
+            return
+        body = b'{"error": "%s"}\n' % message.encode("ascii")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (code, phrase.encode("ascii"), len(body), body)
+        )
+        self.refuse_further_requests()
+        self.loseConnection()
 
     def rawDataReceived(self, data):
         if not self._discarding:
             super().rawDataReceived(data)
 
     def allHeadersReceived(self):
+        self._awaiting_head = False
+        self._cancel_head_deadline()
         self._holding_continue = True
         try:
             super().allHeadersReceived()
@@ -92,6 +147,11 @@ class LoomChannel(http.HTTPChannel):
         if self._continue_expected:
             self._continue_expected = False
             super()._send100Continue()
+
+    def requestDone(self, request):
+        super().requestDone(request)
+        if self.persistent:
+            self._awaiting_head = True  # the next request's head has its own deadline
 
     def allContentReceived(self):
         if self._discarding:
@@ -149,8 +209,29 @@ class LoomChannel(http.HTTPChannel):
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()
         self._linger_call = None
+        self._cancel_head_deadline()
         super().connectionLost(reason)
         self.site.channel_closed(self)
+
+    def limit_send_buffer(self, size: int | None) -> None:
+        """Cap the kernel's send buffer for this connection (a reader's).
+
+        Linux lets a socket's send buffer grow to megabytes; a reader that
+        stops reading would make Loom copy that much for nothing, and every
+        byte queued there is latency for a reader that does read.
+        """
+        if not size:
+            return
+        transport = self.transport
+        for _ in range(3):  # TCP, or TLS over TCP
+            handle = getattr(transport, "getHandle", lambda: None)()
+            if isinstance(handle, socket.socket):
+                try:
+                    handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+                except OSError:
+                    pass  # not a TCP socket, or not allowed: keep the default
+                return
+            transport = getattr(transport, "transport", None)
 
     def abort(self) -> None:
         """Drop the connection at once: the client must not mistake this for a clean end."""
@@ -165,21 +246,14 @@ class LoomChannel(http.HTTPChannel):
         if request is not None and request.startedWriting:
             self.abort()
             return
-        body = b'{"error": "The request is malformed."}\n'
-        self.transport.write(
-            b"HTTP/1.1 400 Bad Request\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(body), body)
-        )
-        self.refuse_further_requests()
-        self.loseConnection()
+        self._refuse_head(400, "Bad Request", "The request is malformed.")
 
 
 class LoomRequest(server.Request):
     """A request that can be dispatched when its headers arrive and never spools its body."""
 
     defaultContentType = None
+    authorization_padded = False
     body_sink = None
     dispatched_early = False
     body_done = False
@@ -302,8 +376,12 @@ class Ingest:
             return
         try:
             self._stream.append(data)
+        except StreamTooLarge as e:
+            self._fail(e.message, reason=f"the size limit of {self._store.max_stream_bytes} "
+                                         "bytes was reached")
+            return
         except StorageFailed as e:
-            self._fail(str(e))
+            self._fail(str(e), reason=f"storing the data failed: {e}")
             return
         except StreamCut:
             self._fail(None)
@@ -353,25 +431,28 @@ class Ingest:
         d = Deferred.fromCoroutine(self._stream.complete())
         d.addCallbacks(completed, failed)
 
-    def _abort_stream(self) -> None:
+    def _abort_stream(self, reason: str | None = None) -> None:
         def failed(failure):
             failure.trap(StorageFailed, StreamCut)
 
-        Deferred.fromCoroutine(self._stream.abort()).addErrback(failed)
+        Deferred.fromCoroutine(self._stream.abort(reason)).addErrback(failed)
 
-    def _fail(self, reason: str | None, record: bool = True) -> None:
-        """Storing failed after the 201: abort the connection so the producer can tell."""
+    def _fail(self, message: str | None, record: bool = True, reason: str | None = None) -> None:
+        """Storing failed after the 201: abort the connection so the producer can tell.
+
+        ``reason`` is recorded with the aborted stream.
+        """
         if self._failed:
             return
         self._failed = True
-        if reason:
+        if message:
             log.error(
-                "stream {stream_id}: {reason}; aborting its producer",
+                "stream {stream_id}: {message}; aborting its producer",
                 stream_id=self._stream.id,
-                reason=reason,
+                message=message,
             )
         if record and self._stream.outcome is None and not self._stream.closing:
-            self._abort_stream()
+            self._abort_stream(reason)
         self._channel.abort()
 
     def _cut(self, outcome: str) -> None:

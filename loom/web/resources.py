@@ -14,7 +14,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from loom import __version__
-from loom.errors import BadRequest, LoomError, MethodNotAllowed, NotFound
+from loom.errors import (
+    BadRequest,
+    LoomError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+)
 from loom.follow import Follower
 from loom.ids import validate_id
 from loom.metadata import parse_metadata
@@ -108,6 +114,11 @@ class RequestSink:
         if channel is not None:
             channel.loseConnection()
 
+    def abort(self) -> None:
+        channel = self._request.channel
+        if channel is not None:
+            channel.abort()
+
 
 class StreamResource(JsonResource):
     """``/stream/:id``: read a stream (GET) or produce it (POST)."""
@@ -130,9 +141,16 @@ class StreamResource(JsonResource):
     def render_POST(self, request):
         stream_id = None if self._raw_id is None else validate_id(self._raw_id)
         force = query_flag(request, b"force")
-        _, metadata_json = parse_metadata(
-            request.getHeader(b"x-stream-metadata"), self._app.max_metadata_bytes
-        )
+        metadata = request.requestHeaders.getRawHeaders(b"x-stream-metadata") or [None]
+        if len(metadata) > 1:
+            raise BadRequest("Send one X-Stream-Metadata header, not several.")
+        _, metadata_json = parse_metadata(metadata[0], self._app.max_metadata_bytes)
+        limit = self._app.store.max_stream_bytes
+        declared = request.getHeader(b"content-length")
+        if limit is not None and declared is not None and int(declared) > limit:
+            raise PayloadTooLarge(
+                f"The body is {int(declared)} bytes; streams are limited to {limit} bytes."
+            )
         ingest = Ingest(request, self._app.store, self._app.producer_idle_timeout)
         return render_async(request, lambda: ingest.run(stream_id, metadata_json, force))
 
@@ -150,12 +168,16 @@ class StreamResource(JsonResource):
         request.setHeader(b"X-Stream-Id", stream_id.encode("ascii"))
         request.setHeader(b"X-Stream-Metadata", handle.metadata_json.encode("ascii"))
         request.setHeader(b"X-Stream-State", handle.state.encode("ascii"))
+        if handle.record.reason and handle.live is None:
+            request.setHeader(b"X-Stream-Reason", handle.record.reason.encode("ascii", "replace"))
         if finite:
             request.setHeader(b"Content-Length", b"%d" % end)
         else:
             request.setHeader(b"Cache-Control", b"no-cache")
             request.setHeader(b"X-Accel-Buffering", b"no")  # tell proxies not to buffer
-        follower = Follower(handle, RequestSink(request), self._app.clock, end=end)
+        request.channel.limit_send_buffer(self._app.reader_send_buffer)
+        follower = Follower(handle, RequestSink(request), self._app.clock, end=end,
+                            stall_timeout=self._app.stalled_reader_timeout)
         request.notifyFinish().addBoth(lambda _: follower.stop())
         request.write(b"")  # headers now, even if no byte of the stream exists yet
         follower.start()
@@ -178,7 +200,9 @@ class SpyResource(JsonResource):
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"X-Accel-Buffering", b"no")
-        spy = Spy(self._app.store, RequestSink(request), self._app.clock, color=color)
+        request.channel.limit_send_buffer(self._app.reader_send_buffer)
+        spy = Spy(self._app.store, RequestSink(request), self._app.clock, color=color,
+                  stall_timeout=self._app.stalled_reader_timeout)
         request.notifyFinish().addBoth(lambda _: spy.stop())
         request.write(b"")  # headers at once, even with no stream to show yet
         spy.start()
@@ -211,12 +235,16 @@ class LoomApp:
         auth: BearerAuth,
         max_metadata_bytes: int = 8192,
         producer_idle_timeout: float | None = 3600.0,
+        stalled_reader_timeout: float | None = 600.0,
+        reader_send_buffer: int | None = 256 * 1024,
     ):
         self.store = store
         self.clock = clock
         self.auth = auth
         self.max_metadata_bytes = max_metadata_bytes
         self.producer_idle_timeout = producer_idle_timeout
+        self.stalled_reader_timeout = stalled_reader_timeout
+        self.reader_send_buffer = reader_send_buffer
 
 
 class Root(JsonResource):

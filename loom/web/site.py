@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import server
 
@@ -26,6 +27,19 @@ def redact_uri(uri: bytes) -> str:
     return (path + question + query).decode("ascii", "backslashreplace")
 
 
+class _TooManyConnections(Protocol):
+    """Says 503 and closes, without reading a byte: the server is full."""
+
+    def connectionMade(self):
+        body = b'{"error": "The server has too many connections; try again later."}\n'
+        self.transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        self.transport.loseConnection()
+
+
 class LoomSite(server.Site):
     """A Site whose channels stream request bodies and never offer HTTP/2.
 
@@ -36,12 +50,30 @@ class LoomSite(server.Site):
     requestFactory = LoomRequest
     displayTracebacks = False
 
-    def __init__(self, resource, reactor, idle_timeout: float = 60.0):
+    def __init__(
+        self,
+        resource,
+        reactor,
+        idle_timeout: float = 60.0,
+        header_timeout: float = 30.0,
+        max_connections: int = 10000,
+        max_head_bytes: int = 16384,
+    ):
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.max_head_bytes = max_head_bytes
         self.channels: set[LoomChannel] = set()
 
     def protocol(self):
         return LoomChannel()
+
+    def buildProtocol(self, addr):
+        if len(self.channels) >= self.max_connections:
+            log.warn("refusing a connection from {peer}: {count} connections are open",
+                     peer=getattr(addr, "host", "-"), count=len(self.channels))
+            return _TooManyConnections()
+        return super().buildProtocol(addr)
 
     async def close_connections(self, grace: float = 2.0) -> None:
         """Close every open connection (on shutdown); none of them ends cleanly.

@@ -1,14 +1,18 @@
 """Bearer tokens guard every route when configured."""
 
 import pytest
-from twisted.logger import globalLogPublisher, formatEvent
+from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.helpers import chunk, json_body, make_fake_site, parse_response
 
-TOKEN = "s3cret-T0ken"
+TOKEN = "sekrit-T0ken"
 
 REQUESTS = [
     b"GET /stream/s1 HTTP/1.1\r\nHost: x\r\n%s\r\n",
+    b"GET /stream/s1?token=" + b"sekrit-T0ken" + b" HTTP/1.1\r\nHost: x\r\n%s\r\n",
+    b"GET /stream/s1/ HTTP/1.1\r\nHost: x\r\n%s\r\n",
+    b"HEAD /stream/s1 HTTP/1.1\r\nHost: x\r\n%s\r\n",
+    b"DELETE /stream/s1 HTTP/1.1\r\nHost: x\r\n%s\r\n",
     b"GET /stream/s1?notail HTTP/1.1\r\nHost: x\r\n%s\r\n",
     b"POST /stream/new HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n%s\r\nabc",
     b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n%s\r\nabc",
@@ -23,7 +27,7 @@ REQUESTS = [
 
 @pytest.fixture
 def fake(tmp_path):
-    fake = make_fake_site(tokens=(TOKEN, "other-token"), data_dir=str(tmp_path))
+    fake = make_fake_site(tokens=(TOKEN, "sekrit-other"), data_dir=str(tmp_path))
     channel, _ = fake.connect()
     channel.dataReceived(
         b"POST /stream/s1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
@@ -39,7 +43,10 @@ def fake(tmp_path):
      b"Authorization: Basic czNjcmV0LVQwa2Vu\r\n", b"Authorization: Bearer wrong\r\n",
      b"Authorization: Bearer  " + TOKEN.encode() + b"\r\n",
      b"Authorization: " + TOKEN.encode() + b"\r\n",
-     b"Authorization: Bearer " + TOKEN.encode()[:-1] + b"\r\n"],
+     b"Authorization: Bearer " + TOKEN.encode()[:-1] + b"\r\n",
+     b"Authorization: Bearer " + TOKEN.encode() + b" \r\n",
+     b"Authorization: Bearer " + TOKEN.encode() + b"\t\r\n",
+     b"X-Token: " + TOKEN.encode() + b"\r\n"],
 )
 def test_every_route_needs_a_valid_token(fake, request_template, authorization):
     """Without the right bearer token every route answers 401 JSON and no stream data."""
@@ -49,26 +56,27 @@ def test_every_route_needs_a_valid_token(fake, request_template, authorization):
     assert status == 401
     assert headers["www-authenticate"] == 'Bearer realm="loom"'
     assert headers["content-type"] == "application/json"
-    assert "error" in json_body(body)
+    if not request_template.startswith(b"HEAD"):  # HEAD answers carry no body
+        assert "error" in json_body(body)
     assert b"secret data" not in transport.value()
 
 
 def test_valid_token_reads_and_the_scheme_is_case_insensitive(fake):
     """Any configured token works, with the scheme in any case."""
-    for header in (b"Bearer " + TOKEN.encode(), b"bearer other-token", b"BEARER " + TOKEN.encode()):
+    for header in (b"Bearer " + TOKEN.encode(), b"bearer sekrit-other", b"BEARER " + TOKEN.encode()):
         channel, transport = fake.connect()
         channel.dataReceived(b"GET /stream/s1 HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\n\r\n" % header)
         status, _, body = parse_response(transport.value())
         assert status == 200 and body == b"secret data"
 
 
-def test_two_authorization_headers_are_a_bad_request(fake):
-    """Two Authorization headers are refused with 400, even if one is right."""
+@pytest.mark.parametrize("request_template", REQUESTS)
+def test_two_authorization_headers_are_a_bad_request(fake, request_template):
+    """Two Authorization headers are refused with 400 on every route, even if one is right."""
     channel, transport = fake.connect()
-    channel.dataReceived(
-        b"GET /stream/s1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
-        b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
-    )
+    channel.dataReceived(request_template.replace(
+        b"%s", b"Authorization: Bearer wrong\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n"
+    ))
     status, _, body = parse_response(transport.value())
     assert status == 400 and b"secret data" not in transport.value()
 

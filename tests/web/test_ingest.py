@@ -12,7 +12,14 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from loom.store import ABORTED, COMPLETE
-from tests.helpers import ManualRunners, chunk, dechunk, json_body, make_fake_site, parse_response
+from tests.helpers import (
+    ManualRunners,
+    chunk,
+    dechunk,
+    json_body,
+    make_fake_site,
+    parse_response,
+)
 from tests.test_store import read_all
 
 POST_CHUNKED = (

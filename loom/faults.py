@@ -1,0 +1,74 @@
+"""The seams where storage can fail: file-system calls and named crash points.
+
+The disk store does every file-system call through a ``FileSystem`` and
+announces each step of a stream's life to ``CrashPoints``. In production
+these are the plain OS calls and no-ops. Tests swap in a file system that
+fails the Nth call with ENOSPC or EIO, and crash points that kill the
+process at a chosen step, to prove the durability promise step by step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+# The steps of a stream's life at which a crash is worth testing.
+CRASH_POINTS = (
+    "file-created",  # data file exists, catalog row not yet committed
+    "written",  # a chunk was handed to the OS, not yet synced
+    "synced",  # the final sync is done, the stream is not yet marked complete
+    "recorded",  # the catalog says complete, the producer has not been answered
+)
+
+
+class FileSystem:
+    """The OS calls the disk store makes; every one may raise OSError."""
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        return os.open(path, flags, mode)
+
+    def write(self, fd: int, data) -> int:
+        return os.write(fd, data)
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        return os.pread(fd, size, offset)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+
+class CrashPoints:
+    """Announcements of a stream's steps; this one ignores them."""
+
+    def reached(self, point: str) -> None:
+        pass
+
+
+class CrashAt(CrashPoints):
+    """Kill this process (SIGKILL, as ``kill -9``) the ``count``-th time ``point`` is reached."""
+
+    def __init__(self, point: str, count: int = 1):
+        if point not in CRASH_POINTS:
+            raise ValueError(f"unknown crash point {point!r}; known: {', '.join(CRASH_POINTS)}")
+        self.point = point
+        self.remaining = count
+
+    def reached(self, point: str) -> None:
+        if point == self.point:
+            self.remaining -= 1
+            if self.remaining == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_points_from(value: str | None) -> CrashPoints:
+    """``LOOM_CRASH_AT=<point>[:<n>]`` arms a crash point, for the crash tests only."""
+    if not value:
+        return CrashPoints()
+    point, _, count = value.partition(":")
+    return CrashAt(point, int(count or 1))
