@@ -2,6 +2,7 @@
 
 import struct
 import time
+from statistics import median
 
 import pytest
 import pytest_twisted
@@ -132,11 +133,18 @@ async def run_load(server, prefix: str, stalled_followers: int, stalled_spies: i
 async def test_stalled_peers_cost_neither_memory_nor_speed(tmp_path):
     """Memory grows < 50 MiB, reading followers' p99 lag < 500 ms, producers keep their speed."""
     server = await start_server_process(tmp_path / "data")
+    runs: dict[str, list[dict]] = {"alone": [], "crowd": []}
     try:
-        quiet = await run_load(server, "alone", stalled_followers=0, stalled_spies=0)
-        loaded = await run_load(server, "crowd", stalled_followers=100, stalled_spies=2)
+        # Alternate, and compare medians: single runs of a second or two on
+        # shared cores are too noisy to judge speed by.
+        for round_ in range(3):
+            runs["alone"].append(await run_load(server, f"alone{round_}", 0, 0))
+            runs["crowd"].append(await run_load(server, f"crowd{round_}", 100, 2))
     finally:
         await server.stop()
+    quiet = {key: median(run[key] for run in runs["alone"]) for key in runs["alone"][0]}
+    loaded = {key: median(run[key] for run in runs["crowd"]) for key in runs["crowd"][0]}
+    loaded["rss_growth_mib"] = max(run["rss_growth_mib"] for run in runs["crowd"])
     ratio = loaded["producer_mib_s"] / quiet["producer_mib_s"]
     FIGURES.update({f"alone_{k}": v for k, v in quiet.items()})
     FIGURES.update({f"crowd_{k}": v for k, v in loaded.items()})
