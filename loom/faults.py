@@ -9,8 +9,15 @@ process at a chosen step, to prove the durability promise step by step.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import signal
+
+try:
+    _syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+except (OSError, AttributeError):  # not Linux
+    _syncfs = None
 
 # The steps of a stream's life at which a crash is worth testing.
 CRASH_POINTS = (
@@ -30,11 +37,22 @@ class FileSystem:
     def write(self, fd: int, data) -> int:
         return os.write(fd, data)
 
+    def writev(self, fd: int, buffers) -> int:
+        return os.writev(fd, buffers)
+
     def pread(self, fd: int, size: int, offset: int) -> bytes:
         return os.pread(fd, size, offset)
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
+
+    def syncfs(self, fd: int) -> None:
+        """Sync the whole file system holding ``fd`` (Linux); OSError where unavailable."""
+        if _syncfs is None:
+            raise OSError(errno.ENOSYS, "syncfs is not available")
+        if _syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
 
     def close(self, fd: int) -> None:
         os.close(fd)

@@ -15,11 +15,15 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from loom.buffers import pieces
 from loom.store import ABORTED, COMPLETE, LiveStream, StreamHandle
 
 log = Logger()
 
 READ_SIZE = 128 * 1024
+# Fresh bytes are handed over from memory at most this much at a time: a
+# consumer that pauses has at most one piece queued, and the rest stays in the file.
+PIECE = 64 * 1024
 # Bytes sent per reactor turn before yielding, for consumers that never pause.
 TURN_BUDGET = 1024 * 1024
 
@@ -27,7 +31,8 @@ TURN_BUDGET = 1024 * 1024
 class FollowerSink(Protocol):
     """Where a follower's bytes go (the web layer adapts a request to this)."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, parts: list, size: int) -> None:
+        """Send ``size`` bytes held in ``parts`` (bytes or memoryviews)."""
 
     def end(self) -> None:
         """The stream ended normally and every byte was written."""
@@ -147,13 +152,20 @@ class Follower:
 
     # StreamListener
 
-    def stream_grew(self, stream: LiveStream, start: int, chunk: bytes) -> None:
+    def stream_grew(self, stream: LiveStream, start: int, parts: list, size: int) -> None:
         if self._done or self._paused:
             return
         if self._offset == start and self._scheduled is None:
-            # Caught up: hand the fresh chunk over without touching the file.
-            self._offset += len(chunk)
-            self._sink.write(chunk)
+            # Caught up: hand the fresh bytes over without touching the file.
+            if size <= PIECE:
+                self._offset += size
+                self._sink.write(parts, size)
+                return
+            for piece, piece_size in pieces(parts, size, PIECE):
+                self._offset += piece_size
+                self._sink.write(piece, piece_size)
+                if self._paused or self._done:
+                    return  # the rest is read from the file when the consumer is ready
         else:
             self._pump()
 
@@ -198,7 +210,7 @@ class Follower:
                     return
                 self._offset += len(data)
                 budget -= len(data)
-                self._sink.write(data)
+                self._sink.write([data], len(data))
                 continue
             if self._live is None:
                 self._finish(clean=True)

@@ -243,7 +243,7 @@ class Spy:
         self._add(stream, from_end=False)
         self._pump()
 
-    def stream_grew(self, stream: LiveStream, start: int, chunk: bytes) -> None:
+    def stream_grew(self, stream: LiveStream, start: int, parts: list, size: int) -> None:
         if stream in self._cursors:
             self._ready[stream] = None
             self._pump()
@@ -292,7 +292,8 @@ class Spy:
                     break
                 budget -= self._advance(stream, out)
             if out:
-                self._sink.write(b"".join(out))
+                block = b"".join(out)
+                self._sink.write([block], len(block))
             if not self._ready and not self._queued:
                 return
             if budget <= 0:

@@ -478,11 +478,21 @@ class FaultyFileSystem(FileSystem):
             raise OSError(error, os.strerror(error))
         return super().write(fd, data)
 
+    def writev(self, fd, buffers):
+        # As a filling disk would: what fits of the first buffer, then errors.
+        return self.write(fd, buffers[0])
+
     def fsync(self, fd):
         error = self._due("fsync")
         if error:
             raise OSError(error, os.strerror(error))
         super().fsync(fd)
+
+    def syncfs(self, fd):
+        error = self._due("fsync")  # counted and failed as the syncs they replace
+        if error:
+            raise OSError(error, os.strerror(error))
+        super().syncfs(fd)
 
 
 @implementer(IPushProducer)

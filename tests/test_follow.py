@@ -20,8 +20,10 @@ class Sink:
         self.producer = None
         self.limit = limit
 
-    def write(self, data):
+    def write(self, parts, size):
         assert not (self.ended or self.cut_off)
+        data = b"".join(parts)
+        assert len(data) == size
         self.data += data
         self.writes += 1
         if self.limit is not None and len(self.data) >= self.limit:

@@ -75,7 +75,9 @@ class Listener:
         self.grew = []
         self.ended = []
 
-    def stream_grew(self, stream, start, chunk):
+    def stream_grew(self, stream, start, parts, size):
+        chunk = b"".join(parts)
+        assert len(chunk) == size
         self.grew.append((start, chunk))
 
     def stream_ended(self, stream):

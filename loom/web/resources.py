@@ -94,9 +94,7 @@ class RequestSink:
 
     def __init__(self, request):
         self._request = request
-
-    def write(self, data: bytes) -> None:
-        self._request.write(data)
+        self.write = request.write_body  # write(parts, size): the hot path, without a layer
 
     def registerProducer(self, producer, streaming: bool) -> None:
         self._request.registerProducer(producer, streaming)

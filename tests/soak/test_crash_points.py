@@ -21,20 +21,35 @@ CASES = [(point, n) for point in CRASH_POINTS for n in range(1, REACHED[point] +
 
 
 async def produce_until_the_crash(server) -> dict[bytes, bool]:
-    """Write the streams one after another; return which got a clean end before the crash."""
+    """Write the streams one after another, one chunk at a time (each its own append:
+    the next is sent when a follower has the previous); return which streams got a
+    clean end before the crash."""
     clean = {}
     for stream_id in STREAMS:
         producer = await raw_connect(server.port)
         producer.send(b"POST /stream/" + stream_id + b" HTTP/1.1\r\nHost: x\r\n"
                       b"Transfer-Encoding: chunked\r\n\r\n")
+        closed = producer.closed
+        await producer.wait_for(lambda got, c=closed: b"201 Created" in got or c.called)
+        if closed.called:
+            clean[stream_id] = False
+            break
+        follower = await raw_connect(server.port)
+        follower.send(b"GET /stream/" + stream_id + b" HTTP/1.0\r\n\r\n")
+        sent = b""
         for piece in CHUNKS:
             producer.send(chunk(piece))
+            sent += piece
+            gone = follower.closed
+            await follower.wait_for(lambda got, s=sent, g=gone: got.endswith(s) or g.called)
+            if gone.called:
+                break
         producer.send(b"0\r\n\r\n")
-        closed = producer.closed
-        await producer.wait_for(lambda got, closed=closed: got.endswith(b"0\r\n\r\n") or closed.called)
+        await producer.wait_for(lambda got, c=closed: got.endswith(b"0\r\n\r\n") or c.called)
         ended = bytes(producer.received).endswith(b"0\r\n\r\n")
         clean[stream_id] = ended
         producer.transport.loseConnection()
+        follower.transport.loseConnection()
         if not ended:
             break
     return clean
