@@ -502,10 +502,11 @@ class ChunkPump:
 
     def __init__(self, client: RawClient, total: int, piece):
         self.client = client
-        self.remaining = total
+        self.total = self.remaining = total
         self.piece = piece
         self.paused = False
         self.finished = guard(Deferred(), 300)
+        self.halfway = None  # when half the bytes had gone out
 
     def start(self):
         self.started = time.monotonic()
@@ -519,6 +520,8 @@ class ChunkPump:
             self.client.send(chunk(payload))
             self.remaining -= len(payload)
             burst += len(payload)
+            if self.halfway is None and self.remaining <= self.total // 2:
+                self.halfway = time.monotonic()
             if burst >= 4 * 1024 * 1024:
                 reactor.callLater(0, self._pump)  # let the reactor breathe
                 return
