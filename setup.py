@@ -16,6 +16,8 @@ setup(
         "treq>=24.9",
         "PyYAML>=6.0",
         "colorama>=0.4.6",
+        # /metrics in the Prometheus text format
+        "prometheus_client>=0.20",
     ],
     entry_points={
         "console_scripts": [

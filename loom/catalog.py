@@ -11,13 +11,14 @@ Any SQLite failure (disk full, I/O error, corruption) surfaces as
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass
 
 from loom.errors import StreamExists
 
 STATES = ("live", "complete", "aborted", "interrupted", "damaged")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS streams (
@@ -36,6 +37,44 @@ CREATE TABLE IF NOT EXISTS settings (
     value TEXT NOT NULL
 );
 """
+
+# Version 3: metadata filters answered by an index, listing and retention by
+# indexes, and deletions that survive a crash between the row and the file.
+_SCHEMA_V3 = """
+CREATE TABLE IF NOT EXISTS stream_meta (
+    stream_id TEXT NOT NULL,
+    key       TEXT NOT NULL,
+    value     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS stream_meta_by_value ON stream_meta (key, value, stream_id);
+CREATE INDEX IF NOT EXISTS stream_meta_by_stream ON stream_meta (stream_id);
+CREATE INDEX IF NOT EXISTS streams_by_created ON streams (created_ms, id);
+CREATE INDEX IF NOT EXISTS streams_by_finished ON streams (finished_ms);
+CREATE TABLE IF NOT EXISTS pending_deletes (
+    storage TEXT PRIMARY KEY
+);
+"""
+
+
+def meta_rows(stream_id: str, metadata_json: str) -> list[tuple[str, str, str]]:
+    """The (stream, key, value) rows that index a stream's top-level metadata.
+
+    Values are compared as text: strings as they are, anything else as its
+    compact JSON (``2``, ``true``, ``null``, ``[1,2]``).
+    """
+    try:
+        metadata = json.loads(metadata_json)
+    except ValueError:
+        return []
+    if not isinstance(metadata, dict):
+        return []
+    return [(stream_id, key, meta_text(value)) for key, value in metadata.items()]
+
+
+def meta_text(value) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 class CatalogError(Exception):
@@ -110,6 +149,15 @@ class Catalog:
                 self._db.execute("DROP TABLE streams_v1")
         else:
             self._db.executescript(_SCHEMA)
+        self._db.executescript(_SCHEMA_V3)  # (executescript commits: not in a transaction)
+        if exists and version < 3:
+            with _transaction(self._db):
+                rows = self._db.execute("SELECT id, metadata FROM streams").fetchall()
+                self._db.execute("DELETE FROM stream_meta")
+                self._db.executemany(
+                    "INSERT INTO stream_meta VALUES (?, ?, ?)",
+                    [row for stream_id, text in rows for row in meta_rows(stream_id, text)],
+                )
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -138,13 +186,21 @@ class Catalog:
     def insert(self, record: StreamRecord) -> None:
         """Add a new stream; StreamExists if its id is taken."""
         try:
-            self._db.execute(
-                f"INSERT INTO streams ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", _values(record)
-            )
+            with _transaction(self._db):
+                self._db.execute(
+                    f"INSERT INTO streams ({_COLUMNS}) VALUES ({_PLACEHOLDERS})",
+                    _values(record),
+                )
+                self._insert_meta(record)
         except sqlite3.IntegrityError:
             if self.get(record.id) is not None:
                 raise StreamExists(record.id) from None
             raise
+
+    def _insert_meta(self, record: StreamRecord) -> None:
+        self._db.executemany(
+            "INSERT INTO stream_meta VALUES (?, ?, ?)", meta_rows(record.id, record.metadata)
+        )
 
     @_guarded
     def replace(self, record: StreamRecord) -> str | None:
@@ -156,9 +212,15 @@ class Catalog:
         with _transaction(self._db):
             old = self.get(record.id)
             self._db.execute("DELETE FROM streams WHERE id = ?", (record.id,))
+            self._db.execute("DELETE FROM stream_meta WHERE stream_id = ?", (record.id,))
+            if old is not None:
+                # Until its file is gone, the old data is a pending delete.
+                self._db.execute("INSERT OR IGNORE INTO pending_deletes VALUES (?)",
+                                 (old.storage,))
             self._db.execute(
                 f"INSERT INTO streams ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", _values(record)
             )
+            self._insert_meta(record)
         return old.storage if old else None
 
     @_guarded
@@ -180,11 +242,106 @@ class Catalog:
         return cursor.rowcount == 1
 
     @_guarded
-    def delete(self, stream_id: str, storage: str) -> bool:
+    def reopen(self, stream_id: str, storage: str) -> bool:
+        """A resumed stream is live again; False if the row now belongs to another stream."""
         cursor = self._db.execute(
-            "DELETE FROM streams WHERE id = ? AND storage = ?", (stream_id, storage)
+            "UPDATE streams SET state = 'live', finished_ms = NULL, reason = NULL "
+            "WHERE id = ? AND storage = ?",
+            (stream_id, storage),
         )
         return cursor.rowcount == 1
+
+    @_guarded
+    def delete(self, streams: list[tuple[str, str]]) -> list[str]:
+        """Delete (id, storage) streams in one transaction; return the storages deleted.
+
+        Each storage is recorded as a pending delete, so that its file is
+        removed even if the process dies before it gets to it.
+        """
+        deleted = []
+        with _transaction(self._db):
+            for stream_id, storage in streams:
+                cursor = self._db.execute(
+                    "DELETE FROM streams WHERE id = ? AND storage = ?", (stream_id, storage)
+                )
+                if cursor.rowcount == 1:
+                    self._db.execute("DELETE FROM stream_meta WHERE stream_id = ?", (stream_id,))
+                    self._db.execute("INSERT OR IGNORE INTO pending_deletes VALUES (?)",
+                                     (storage,))
+                    deleted.append(storage)
+        return deleted
+
+    @_guarded
+    def pending_deletes(self) -> list[str]:
+        return [row[0] for row in self._db.execute("SELECT storage FROM pending_deletes")]
+
+    @_guarded
+    def forget_pending_deletes(self, storages: list[str]) -> None:
+        """The files of ``storages`` are gone."""
+        self._db.executemany("DELETE FROM pending_deletes WHERE storage = ?",
+                             [(storage,) for storage in storages])
+
+    @_guarded
+    def expired(self, before_ms: int, limit: int) -> list[tuple[str, str]]:
+        """(id, storage) of finished streams that ended before ``before_ms``, oldest first."""
+        return self._db.execute(
+            "SELECT id, storage FROM streams WHERE state != 'live' AND finished_ms < ? "
+            "ORDER BY finished_ms LIMIT ?",
+            (before_ms, limit),
+        ).fetchall()
+
+    @_guarded
+    def list(
+        self,
+        state: str | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        meta: tuple[tuple[str, str], ...] = (),
+        before: tuple[int, str] | None = None,
+        limit: int = 100,
+    ) -> list[StreamRecord]:
+        """Streams matching every filter, newest first, at most ``limit``.
+
+        ``before`` is a (created_ms, id) cursor: only streams strictly older
+        are listed, so pages stay stable while new streams are created.
+        Metadata filters go through the stream_meta index.
+        """
+        where, parameters = [], []
+        if state is not None:
+            where.append("state = ?")
+            parameters.append(state)
+        if since_ms is not None:
+            where.append("created_ms >= ?")
+            parameters.append(since_ms)
+        if until_ms is not None:
+            where.append("created_ms < ?")
+            parameters.append(until_ms)
+        for key, value in meta:
+            where.append("id IN (SELECT stream_id FROM stream_meta WHERE key = ? AND value = ?)")
+            parameters += [key, value]
+        if before is not None:
+            where.append("(created_ms < ? OR (created_ms = ? AND id < ?))")
+            parameters += [before[0], before[0], before[1]]
+        sql = f"SELECT {_COLUMNS} FROM streams"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_ms DESC, id DESC LIMIT ?"
+        rows = self._db.execute(sql, (*parameters, limit)).fetchall()
+        return [StreamRecord(*row) for row in rows]
+
+    def explain_list(self, **filters) -> str:
+        """SQLite's plan for a listing query (for tests: the indexes are used)."""
+        saved, self._db = self._db, _Explaining(self._db)
+        try:
+            self.list(**filters)
+            return self._db.plan
+        finally:
+            self._db = saved
+
+    @_guarded
+    def usable(self) -> None:
+        """Raise CatalogError unless the database answers a query."""
+        self._db.execute("SELECT 1 FROM streams LIMIT 1").fetchall()
 
     @_guarded
     def count(self) -> int:
@@ -221,6 +378,19 @@ def _values(record: StreamRecord) -> tuple:
         record.finished_ms,
         record.reason,
     )
+
+
+class _Explaining:
+    """Runs a query's EXPLAIN QUERY PLAN instead of the query."""
+
+    def __init__(self, db):
+        self._db = db
+        self.plan = ""
+
+    def execute(self, sql, parameters=()):
+        rows = self._db.execute("EXPLAIN QUERY PLAN " + sql, parameters).fetchall()
+        self.plan = "\n".join(row[-1] for row in rows)
+        return self._db.execute("SELECT 1 WHERE 0")
 
 
 class _transaction:

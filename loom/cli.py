@@ -6,6 +6,7 @@ Only the ``*_main`` entry functions touch the global reactor.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from loom.client import (
     LoomClient,
     LoomClientError,
     ServerAborted,
+    SizeMismatch,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANNOT_CONNECT, EXIT_ABORTED = 0, 1, 2, 3, 4
@@ -53,6 +55,7 @@ examples:
   make 2>&1 | loom-stream http://localhost:3060 build-42
   ./deploy.sh | loom-stream https://loom.example.com --token "$LOOM_TOKEN" -m job=deploy -m env=prod
   tail -f app.log | loom-stream http://localhost:3060 app-log --force --tee
+  ./long-build.sh | loom-stream http://localhost:3060 build-43 --resume   # survives network drops
 
 The stream id is optional: without one the server picks it and it is printed
 on standard error as soon as the stream exists. Ctrl-C ends the stream cleanly
@@ -88,7 +91,24 @@ def _stream_parser() -> argparse.ArgumentParser:
                         help="also copy standard input to standard output")
     parser.add_argument("--quiet", "-q", action="store_true",
                         help="print nothing but errors")
+    parser.add_argument("--resume", action="store_true",
+                        help="if the connection drops, reconnect and carry on where the "
+                             "server stopped (needs the stream id, or the one the server gave)")
+    parser.add_argument("--replay-buffer", type=_size_arg, default=16 * 1024 * 1024,
+                        metavar="SIZE", help="with --resume: bytes kept to resend "
+                                             "(default 16MiB)")
+    parser.add_argument("--retries", type=int, default=20, metavar="N",
+                        help="with --resume: reconnection attempts before giving up (default 20)")
     return parser
+
+
+def _size_arg(text: str) -> int:
+    from loom.config import ConfigError, _size
+
+    try:
+        return _size(text, "size", 1, 2**40)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
 
 def _metadata(parser, args) -> dict | None:
@@ -111,41 +131,75 @@ def _metadata(parser, args) -> dict | None:
 
 @implementer(IBodyProducer)
 class StdinBody:
-    """The request body fed from standard input, chunk by chunk as it is read."""
+    """The request body fed from standard input, chunk by chunk as it is read.
+
+    It keeps the bytes not yet sent and, for ``--resume``, the last ``keep``
+    bytes sent, so that after a dropped connection it can start again from
+    the offset the server holds (``restart_at``). While no connection takes
+    data, standard input is not read.
+    """
 
     length = UNKNOWN_LENGTH
 
-    def __init__(self, tee: Callable[[bytes], None] | None = None):
+    def __init__(self, keep: int = 0, tee: Callable[[bytes], None] | None = None):
         self.stdio = None
         self._tee = tee
+        self._keep = keep
+        self._log: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.read_total = 0  # bytes read from standard input so far
+        self.position = 0  # the offset of the next byte to send
         self._consumer = None
-        self._held: list[bytes] = []
+        self._finished: Deferred | None = None
         self._ended = False
-        self._stopped = False
-        self._finished: Deferred = Deferred()
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    @property
+    def kept_from(self) -> int:
+        """The first offset still held (replayable)."""
+        return self._log[0][0] if self._log else self.read_total
 
     def startProducing(self, consumer) -> Deferred:
         self._consumer = consumer
-        held, self._held = self._held, []
-        for data in held:
-            consumer.write(data)
+        self._finished = Deferred()
+        self._send_pending()
         if self._ended:
-            self._finished.callback(None)
+            self._finish()
         elif self.stdio is not None:
             self.stdio.resumeProducing()
         return self._finished
 
+    def restart_at(self, offset: int) -> bool:
+        """Send from ``offset`` on the next connection; False if those bytes are gone."""
+        if not self.kept_from <= offset <= self.position:
+            return False
+        self.position = offset
+        return True
+
     def received(self, data: bytes) -> None:
         if self._tee is not None:
             self._tee(data)
-        if self._stopped:
-            return
+        self._log.append((self.read_total, data))
+        self.read_total += len(data)
         if self._consumer is None:
-            # Not connected yet: hold this read, read no more until we are.
-            self._held.append(data)
-            self.stdio.pauseProducing()
+            self.stdio.pauseProducing()  # nothing takes data now: read no more
         else:
-            self._consumer.write(data)
+            self._send_pending()
+        self._trim()
+
+    def _send_pending(self) -> None:
+        for start, data in self._log:
+            end = start + len(data)
+            if end > self.position and self._consumer is not None:
+                self._consumer.write(data[self.position - start :])
+                self.position = end
+
+    def _trim(self) -> None:
+        keep_from = min(self.position, self.read_total - self._keep)
+        while self._log and self._log[0][0] + len(self._log[0][1]) <= keep_from:
+            self._log.popleft()
 
     def end(self) -> None:
         """No more input (end of file, or Ctrl-C): finish the body cleanly."""
@@ -154,7 +208,11 @@ class StdinBody:
         self._ended = True
         if self.stdio is not None:
             self.stdio.pauseProducing()
-        if self._consumer is not None and not self._stopped:
+        if self._consumer is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._finished is not None and not self._finished.called:
             self._finished.callback(None)
 
     def pauseProducing(self) -> None:
@@ -166,7 +224,8 @@ class StdinBody:
             self.stdio.resumeProducing()
 
     def stopProducing(self) -> None:
-        self._stopped = True
+        """The connection is gone: hold on to the input, read no more until the next one."""
+        self._consumer = None
         if self.stdio is not None:
             self.stdio.pauseProducing()
 
@@ -193,8 +252,9 @@ class _Stdin(Protocol):
 
 async def _stream(reactor, args, metadata, interrupted: list[bool]) -> int:
     from twisted.internet.stdio import StandardIO
+    from twisted.internet.task import deferLater
 
-    body = StdinBody()
+    body = StdinBody(keep=args.replay_buffer if args.resume else 0)
     stdio = StandardIO(_Stdin(body), reactor=reactor)
     if args.tee:
         body._tee = stdio.write
@@ -211,30 +271,68 @@ async def _stream(reactor, args, metadata, interrupted: list[bool]) -> int:
         body.end()
 
     signal.signal(signal.SIGINT, lambda *_: reactor.callFromThread(on_interrupt))
+    stream_id = args.stream_id
+    announced = False
 
     def created(info: Created) -> None:
-        if not args.quiet:
+        nonlocal stream_id, announced
+        stream_id = info.stream_id
+        if not args.quiet and not announced:
             replaced = " (replaced the old stream)" if info.replaced else ""
             _say("loom-stream", f"stream {info.stream_id}: {info.url}{replaced}")
+        announced = True
 
     try:
         client = LoomClient(args.server, args.token, reactor, _trust_root(args.cacert))
     except (ValueError, OSError) as e:
         _say("loom-stream", str(e))
         return EXIT_USAGE
-    try:
-        result = await client.push(body, args.stream_id, metadata, args.force, created)
-    except CannotConnect as e:
-        sys.stderr.write(f"{e}\n")
-        return EXIT_CANNOT_CONNECT
-    except ServerAborted as e:
-        sys.stderr.write(f"{e}\n")
-        return EXIT_ABORTED
-    except LoomClientError as e:
-        sys.stderr.write(f"{e}\n")
-        return EXIT_FAILED
+    append_at, attempts, backoff = None, 0, 0.5
+    while True:
+        try:
+            await client.push(body, stream_id, metadata, args.force, created,
+                              append_at=append_at)
+            break
+        except SizeMismatch as e:
+            failure: LoomClientError = e
+            size = e.size
+        except (CannotConnect, ServerAborted) as e:
+            failure, size = e, None
+        except LoomClientError as e:
+            sys.stderr.write(f"{e}\n")
+            return EXIT_FAILED
+        if not args.resume or stream_id is None or attempts >= args.retries:
+            sys.stderr.write(f"{failure}\n")
+            return EXIT_CANNOT_CONNECT if isinstance(failure, CannotConnect) else EXIT_ABORTED
+        attempts += 1
+        if size is None:
+            if not args.quiet:
+                _say("loom-stream", f"{failure}; resuming in {backoff:g}s")
+            await deferLater(reactor, backoff, lambda: None)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+            try:
+                info = await client.head(stream_id)
+            except (CannotConnect, ServerAborted):
+                continue
+            except LoomClientError as e:
+                sys.stderr.write(f"cannot resume: {e}\n")
+                return EXIT_ABORTED
+            if info.state == "complete" and info.size == body.read_total and body.ended:
+                # The end went through; only its answer was lost.
+                break
+            size = info.size
+        if not body.restart_at(size):
+            sys.stderr.write(
+                f"cannot resume: the server holds {size} bytes, but only bytes from "
+                f"{body.kept_from} to {body.position} can be resent (raise --replay-buffer)\n"
+            )
+            return EXIT_ABORTED
+        append_at = size
+        if not args.quiet:
+            _say("loom-stream", f"resuming stream {stream_id} at byte {size}")
     if not args.quiet:
-        _say("loom-stream", f"stream {result.stream_id} complete: {result.bytes_sent} bytes")
+        total = body.read_total
+        _say("loom-stream", f"stream {stream_id} complete: {total} bytes")
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
 

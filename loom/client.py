@@ -63,6 +63,14 @@ class ServerAborted(LoomClientError):
     """The server ended the exchange without a clean end."""
 
 
+class SizeMismatch(LoomClientError):
+    """An append named the wrong offset; ``size`` is what the server holds."""
+
+    def __init__(self, stream_id: str, size: int):
+        super().__init__(f"stream {stream_id} holds {size} bytes")
+        self.size = size
+
+
 class RequestFailed(LoomClientError):
     """Any other error answer; ``status`` and the server's ``error`` sentence."""
 
@@ -72,7 +80,8 @@ class RequestFailed(LoomClientError):
         self.error = error
 
 
-def _error_for(status: int, body: bytes, stream_id: str | None) -> LoomClientError:
+def _error_for(status: int, body: bytes, stream_id: str | None,
+               headers: dict | None = None) -> LoomClientError:
     try:
         sentence = json.loads(body.decode("utf-8"))["error"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -85,8 +94,11 @@ def _error_for(status: int, body: bytes, stream_id: str | None) -> LoomClientErr
         return StreamNotFound(
             f"stream {stream_id} does not exist" if stream_id else sentence
         )
-    if status == 409:
+    if status == 409 and "already exists" in sentence:
         return StreamExists(f"stream {stream_id} already exists; use --force")
+    size = (headers or {}).get("x-stream-size")
+    if status == 416 and size is not None and size.isdigit():
+        return SizeMismatch(stream_id or "", int(size))
     return RequestFailed(status, sentence)
 
 
@@ -117,6 +129,16 @@ class PushResult:
     stream_id: str
     replaced: bool
     bytes_sent: int
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What HEAD says about a stream."""
+
+    stream_id: str
+    state: str
+    size: int
+    metadata: dict
 
 
 @dataclass(frozen=True)
@@ -202,14 +224,19 @@ class LoomClient:
         return received
 
     async def follow(
-        self, stream_id: str, callback: Callable[[bytes], Any], notail: bool = False
+        self, stream_id: str, callback: Callable[[bytes], Any], notail: bool = False,
+        offset: int = 0,
     ) -> FollowResult:
-        """Hand every chunk of the stream to ``callback`` until it ends.
+        """Hand every chunk of the stream, from ``offset``, to ``callback`` until it ends.
 
         Raises ServerAborted if the stream ends uncleanly (its producer
-        vanished, it was replaced, the server stopped).
+        vanished, it was replaced, the server stopped); follow again with
+        ``offset`` set to the bytes received so far to carry on.
         """
-        url = self.stream_url(stream_id) + ("?notail" if notail else "")
+        query = [f"offset={offset}"] if offset else []
+        if notail:
+            query.append("notail")
+        url = self.stream_url(stream_id) + ("?" + "&".join(query) if query else "")
         response = await self._get(url, stream_id)
         headers = response.headers
         state = (headers.getRawHeaders("x-stream-state") or ["unknown"])[0]
@@ -218,6 +245,47 @@ class LoomClient:
         if state == "live" and not notail:
             state = "complete"
         return FollowResult(state, received, metadata)
+
+    async def head(self, stream_id: str) -> StreamInfo:
+        """The stream's state, size and metadata (HEAD)."""
+        try:
+            response = await self._treq().head(self.stream_url(stream_id),
+                                               headers=self._headers())
+        except Exception as e:
+            raise _connect_error(e, self.base)
+        if response.code != 200:
+            raise _error_for(response.code, b"", stream_id)
+        headers = response.headers
+        return StreamInfo(
+            stream_id,
+            headers.getRawHeaders("x-stream-state")[0],
+            int(headers.getRawHeaders("x-stream-size")[0]),
+            json.loads(headers.getRawHeaders("x-stream-metadata")[0]),
+        )
+
+    async def delete(self, stream_id: str) -> None:
+        """Delete a stream (needs the admin scope)."""
+        await self._json("DELETE", self.stream_url(stream_id), stream_id, expect=204)
+
+    async def list_streams(self, **filters) -> dict:
+        """GET /streams: ``state``, ``since``, ``until``, ``limit``, ``cursor``, and
+        ``meta={"key": "value"}``; returns ``{"streams": [...], "next": cursor}``."""
+        params = {k: str(v) for k, v in filters.items() if k != "meta" and v is not None}
+        for key, value in (filters.get("meta") or {}).items():
+            params[f"meta.{key}"] = str(value)
+        query = "&".join(f"{quote(k)}={quote(v)}" for k, v in params.items())
+        return await self._json("GET", self.base + "/streams" + ("?" + query if query else ""))
+
+    async def _json(self, method: str, url: str, stream_id: str | None = None,
+                    expect: int = 200):
+        try:
+            response = await self._treq().request(method, url, headers=self._headers())
+            body = await response.content()
+        except Exception as e:
+            raise _connect_error(e, self.base)
+        if response.code != expect:
+            raise _error_for(response.code, body, stream_id)
+        return json.loads(body) if body else None
 
     async def spy(
         self,
@@ -240,14 +308,21 @@ class LoomClient:
         metadata: dict | None = None,
         force: bool = False,
         on_created: Callable[[Created], Any] | None = None,
+        append_at: int | None = None,
     ) -> PushResult:
         """Send ``body`` (an IBodyProducer) as a stream; return once Loom stored all of it.
 
         ``on_created`` is called as soon as the server has created the stream,
-        while the body is still being sent.
+        while the body is still being sent. With ``append_at`` the body is
+        appended to an existing (aborted or interrupted) stream that holds
+        exactly that many bytes; SizeMismatch says how many it really holds.
         """
         path = self._path + ("/stream" if stream_id is None else "/stream/" + quote(stream_id, safe=""))
-        if force:
+        extra_headers = []
+        if append_at is not None:
+            path += "?append=true"
+            extra_headers.append(b"X-Stream-Offset: %d" % append_at)
+        elif force:
             path += "?force=true"
         head = [
             b"POST " + path.encode("ascii") + b" HTTP/1.1",
@@ -255,8 +330,9 @@ class LoomClient:
             b"Transfer-Encoding: chunked",
             b"User-Agent: " + USER_AGENT,
         ]
-        if metadata is not None:
+        if metadata is not None and append_at is None:
             head.append(b"X-Stream-Metadata: " + json.dumps(metadata, ensure_ascii=True).encode())
+        head.extend(extra_headers)
         if self._token:
             head.append(b"Authorization: Bearer " + self._token.encode("ascii"))
         request = b"\r\n".join(head) + b"\r\n\r\n"
@@ -384,7 +460,7 @@ class _Upload(Protocol):
                 name.strip().lower(): value.strip()
                 for name, _, value in (line.partition(":") for line in head[1:])
             }
-            if status == 201:
+            if status in (200, 201):
                 stream_id = self._headers.get("x-stream-id", self._stream_id or "")
                 self._created = Created(
                     stream_id,
@@ -409,7 +485,7 @@ class _Upload(Protocol):
 
     def _respond(self) -> None:
         self._response_done = True
-        if self._status == 201:
+        if self._status in (200, 201):
             if not self._body_done:
                 self._fail(ServerAborted("server ended the stream before the input ended"))
             else:
@@ -417,7 +493,8 @@ class _Upload(Protocol):
                     PushResult(self._created.stream_id, self._created.replaced, self._sent)
                 )
         else:
-            self._fail(_error_for(self._status, bytes(self._buffer), self._stream_id))
+            self._fail(_error_for(self._status, bytes(self._buffer), self._stream_id,
+                                  self._headers))
         self.transport.loseConnection()
 
     def _stop_body(self) -> None:
@@ -433,7 +510,7 @@ class _Upload(Protocol):
     def connectionLost(self, reason):
         if self._response_done:
             return
-        if self._status is not None and self._status != 201 and "content-length" not in self._headers:
+        if self._status not in (None, 200, 201) and "content-length" not in self._headers:
             self._respond()
             return
         if not self._body_done:
@@ -480,6 +557,8 @@ __all__ = [
     "PushResult",
     "RequestFailed",
     "ServerAborted",
+    "SizeMismatch",
+    "StreamInfo",
     "StreamExists",
     "StreamNotFound",
     "Unauthorized",

@@ -27,7 +27,7 @@ class Config:
 
     listen: tuple[str, ...] = (f"tcp:{DEFAULT_PORT}:interface={DEFAULT_HOST}",)
     data_dir: str = "./data"
-    tokens: tuple[str, ...] = ()
+    tokens: tuple[Token, ...] = ()
     fsync: str = "interval"
     fsync_interval: float = 1.0
     max_metadata_bytes: int = 8192
@@ -38,6 +38,8 @@ class Config:
     max_connections: int = 10000
     max_stream_bytes: int | None = None
     reader_send_buffer: int | None = 256 * 1024
+    retention: float | None = None
+    resume_window: float | None = 30.0
     storage_compress: bool = False
     storage_tail_timeout: float | None = None
 
@@ -146,23 +148,54 @@ def _metadata_limit(value: Any, where: str) -> int:
 
 
 _TOKEN = re.compile(r"[\x21-\x7e]{1,4096}\Z")
+SCOPES = ("read", "write", "spy", "admin")
 
 
-def _tokens(value: Any, where: str) -> tuple[str, ...]:
-    """A list of bearer tokens: printable ASCII, no spaces."""
+@dataclass(frozen=True)
+class Token:
+    """A bearer token and what it may do. A bare token in the config may do everything."""
+
+    secret: str
+    scopes: frozenset[str] = frozenset(SCOPES)
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"Token(scopes={sorted(self.scopes)})"
+
+
+def _token_secret(value: Any, where: str, index: int) -> str:
+    if not isinstance(value, str) or not _TOKEN.match(value):
+        raise _fail(
+            where,
+            f"token #{index + 1} must be 1-4096 printable ASCII characters without spaces",
+        )
+    return value
+
+
+def _tokens(value: Any, where: str) -> tuple[Token, ...]:
+    """Bearer tokens: bare strings (every scope) or {token: ..., scopes: [...]}."""
     if value is None:
         return ()
     if not isinstance(value, list):
         raise _fail(where, "expected a list of tokens")
     tokens = []
-    for index, token in enumerate(value):
-        if not isinstance(token, str) or not _TOKEN.match(token):
-            raise _fail(
-                where,
-                f"token #{index + 1} must be 1-4096 printable ASCII characters "
-                "without spaces",
-            )
-        tokens.append(token)
+    for index, entry in enumerate(value):
+        if isinstance(entry, dict):
+            unknown = set(entry) - {"token", "scopes"}
+            if unknown:
+                raise _fail(where, f"token #{index + 1} has unknown keys: "
+                                   f"{', '.join(sorted(map(str, unknown)))}")
+            scopes = entry.get("scopes")
+            if not isinstance(scopes, list) or not scopes or not all(
+                scope in SCOPES for scope in scopes
+            ):
+                raise _fail(where, f"token #{index + 1}: scopes must be a list drawn from "
+                                   f"{', '.join(SCOPES)}")
+            tokens.append(Token(_token_secret(entry.get("token"), where, index),
+                                frozenset(scopes)))
+        else:
+            tokens.append(Token(_token_secret(entry, where, index)))
+    if len({token.secret for token in tokens}) != len(tokens):
+        raise _fail(where, "the same token is listed twice")
     return tuple(tokens)
 
 
@@ -201,8 +234,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("storageDataDir", "LOOM_DATA_DIR", _string,
             "Directory for the catalog and stream data (default ./data)."),
     Setting("tokens", "LOOM_TOKENS", _tokens,
-            "Bearer tokens; when set, every request needs one "
-            "(variable: comma-separated).", env_is_list=True),
+            "Bearer tokens; when set, every request needs one. A bare token may do "
+            "everything; {token: T, scopes: [read, write, spy, admin]} limits it "
+            "(variable: comma-separated, full access).", env_is_list=True),
+    Setting("retention", "LOOM_RETENTION", _optional_timeout,
+            "Finished streams older than this are deleted, e.g. 30d; 0 = keep forever "
+            "(default)."),
+    Setting("resumeWindow", "LOOM_RESUME_WINDOW", _optional_timeout,
+            "How long followers of a stream whose producer dropped wait for it to "
+            "resume (POST ?append=true) before they are cut off; 0 = at once (default 30s)."),
     Setting("fsync", "LOOM_FSYNC", _fsync,
             "When stream data is synced to disk: always, interval (default) or never."),
     Setting("fsyncInterval", "LOOM_FSYNC_INTERVAL", _positive_duration,
@@ -341,6 +381,8 @@ def load_config(
             max_connections=values.get("maxConnections", Config.max_connections),
             max_stream_bytes=values.get("maxStreamBytes", Config.max_stream_bytes),
             reader_send_buffer=values.get("readerSendBuffer", Config.reader_send_buffer),
+            retention=values.get("retention"),
+            resume_window=values.get("resumeWindow", Config.resume_window),
             storage_compress=values.get("storageCompress", False),
             storage_tail_timeout=values.get("storageTailTimeout"),
         ),

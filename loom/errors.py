@@ -88,6 +88,39 @@ class StorageFailed(LoomError):
     status = 507
 
 
+class StreamNotResumable(LoomError):
+    """Only an aborted or interrupted stream (or a live one, taken over) can be appended to."""
+
+    status = 409
+
+
+class OffsetMismatch(LoomError):
+    """X-Stream-Offset differs from the size of the stream."""
+
+    status = 416
+
+    def __init__(self, stream_id: str, size: int):
+        super().__init__(
+            f"Stream {stream_id} holds {size} bytes: resend from there.",
+            {"X-Stream-Size": str(size)},
+        )
+        self.size = size
+
+
+class RangeNotSatisfiable(LoomError):
+    status = 416
+
+    def __init__(self, size: int):
+        super().__init__(
+            f"The requested range is outside the stream's {size} bytes.",
+            {"Content-Range": f"bytes */{size}"},
+        )
+
+
+class Unavailable(LoomError):
+    status = 503
+
+
 class StreamCut(Exception):
     """The stream stopped accepting data: replaced, deleted or shut down."""
 

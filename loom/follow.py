@@ -90,6 +90,7 @@ class Follower:
         offset: int = 0,
         end: int | None = None,
         stall_timeout: float | None = None,
+        resumes=None,
     ):
         self._handle = handle
         self._sink = sink
@@ -101,6 +102,9 @@ class Follower:
         self._done = False
         self._scheduled = None
         self._stall = StallWatch(clock, stall_timeout, self._stalled)
+        # The store, if followers of an aborted stream should wait for it to resume.
+        self._resumes = resumes
+        self._resume_call = None
 
     @property
     def offset(self) -> int:
@@ -214,11 +218,55 @@ class Follower:
                 continue
             if self._live is None:
                 self._finish(clean=True)
+            elif self._live.outcome == ABORTED and self._may_wait_for_resume():
+                self._wait_for_resume()
             elif self._live.outcome is not None:
                 self._finish(clean=self._live.outcome == COMPLETE)
             return
 
+    # waiting for an aborted stream to resume
+
+    def _may_wait_for_resume(self) -> bool:
+        return bool(self._resumes is not None and self._resumes.resume_window)
+
+    def _wait_for_resume(self) -> None:
+        if self._resume_call is not None:
+            return
+        self._resumes.wait_for_resume(self._handle.id, self)
+        self._resume_call = self._clock.callLater(
+            self._resumes.resume_window, self._resume_gave_up
+        )
+
+    def stream_resumed(self, stream: LiveStream) -> None:
+        """The producer came back: carry on with the same offsets, as one stream."""
+        self._cancel_resume_wait()
+        if self._done:
+            return
+        self._live = self._handle.live = stream
+        stream.subscribe(self)
+        self._pump()
+
+    def resume_abandoned(self) -> None:
+        """The stream will not resume (deleted, replaced, server stopping)."""
+        self._cancel_resume_wait()
+        if not self._done:
+            self._finish(clean=False)
+
+    def _resume_gave_up(self) -> None:
+        self._resume_call = None
+        self._resumes.stop_waiting(self._handle.id, self)
+        if not self._done:
+            self._finish(clean=False)
+
+    def _cancel_resume_wait(self) -> None:
+        if self._resume_call is not None:
+            if self._resume_call.active():
+                self._resume_call.cancel()
+            self._resume_call = None
+            self._resumes.stop_waiting(self._handle.id, self)
+
     def _release(self) -> None:
+        self._cancel_resume_wait()
         self._stall.cancel()
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.cancel()

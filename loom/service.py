@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
@@ -10,6 +12,7 @@ from twisted.python.failure import Failure
 
 from loom.catalog import CatalogError
 from loom.config import Config
+from loom.errors import ConfigError
 from loom.faults import CrashPoints
 from loom.store import DiskStore, ThreadRunners
 from loom.web.auth import BearerAuth
@@ -41,6 +44,7 @@ class LoomService(MultiService):
         store=None,
         warnings: tuple[str, ...] = (),
         crash: CrashPoints | None = None,
+        reload_config=None,
     ):
         super().__init__()
         self.config = config
@@ -53,6 +57,8 @@ class LoomService(MultiService):
             fsync_interval=config.fsync_interval,
             max_stream_bytes=config.max_stream_bytes,
             crash=crash,
+            resume_window=config.resume_window,
+            retention=config.retention,
         )
         self.auth = BearerAuth(config.tokens)
         self.app = LoomApp(
@@ -67,6 +73,7 @@ class LoomService(MultiService):
         self.site = LoomSite(
             Root(self.app),
             reactor,
+            counters=self.app.site_counters,
             idle_timeout=config.idle_timeout,
             header_timeout=config.header_timeout,
             max_connections=config.max_connections,
@@ -76,6 +83,7 @@ class LoomService(MultiService):
         )
         self.ports: list = []
         self._warnings = warnings
+        self._reload_config = reload_config
 
     def startService(self) -> None:
         """Listen on every endpoint, then reconcile storage; StartupError if either fails.
@@ -100,8 +108,7 @@ class LoomService(MultiService):
             raise StartupError(f"cannot open the data directory {self.config.data_dir}: {reason}")
         super().startService()
         if self.auth.enabled:
-            log.info("bearer tokens required ({count} configured)",
-                     count=len(self.config.tokens))
+            log.info("bearer tokens required ({count} configured)", count=self.auth.count)
         else:
             log.warn("no tokens configured: anyone who can connect may read and write")
         log.info(
@@ -110,6 +117,28 @@ class LoomService(MultiService):
             fsync=self.config.fsync,
             addresses=", ".join(describe_address(port.getHost()) for port in self.ports),
         )
+
+    def reload_tokens(self) -> None:
+        """Read the configuration again and use its tokens (SIGHUP); connections stay open.
+
+        Other settings only change on a restart; a configuration that no
+        longer loads leaves the current tokens in place.
+        """
+        if self._reload_config is None:
+            log.warn("reload asked for, but this service has no configuration to reload")
+            return
+        try:
+            loaded = self._reload_config()
+        except ConfigError as e:
+            log.error("reload failed, keeping the current tokens: {error}", error=e)
+            return
+        self.auth.replace(loaded.config.tokens)
+        log.info("tokens reloaded: {count} configured", count=self.auth.count)
+        changed = [field.name for field in fields(Config) if field.name != "tokens"
+                   and getattr(loaded.config, field.name) != getattr(self.config, field.name)]
+        if changed:
+            log.warn("these settings change only on a restart: {names}",
+                     names=", ".join(changed))
 
     def _listen(self, description: str):
         try:

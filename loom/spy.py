@@ -240,7 +240,8 @@ class Spy:
     # store observer and StreamListener
 
     def _stream_started(self, stream: LiveStream) -> None:
-        self._add(stream, from_end=False)
+        # A new stream is empty; a resumed one goes on from where it stopped.
+        self._add(stream, from_end=True)
         self._pump()
 
     def stream_grew(self, stream: LiveStream, start: int, parts: list, size: int) -> None:

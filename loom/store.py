@@ -12,6 +12,7 @@ Blocking work (creating files, fsync, catalog commits) runs through a
 from __future__ import annotations
 
 import base64
+import collections
 import errno
 import hashlib
 import os
@@ -30,11 +31,14 @@ from zope.interface import Attribute, Interface, implementer
 from loom.buffers import after, before
 from loom.catalog import Catalog, CatalogError, StreamRecord
 from loom.errors import (
+    OffsetMismatch,
     StorageFailed,
     StreamCut,
     StreamExists,
     StreamNotFound,
+    StreamNotResumable,
     StreamTooLarge,
+    Unavailable,
 )
 from loom.faults import CrashPoints, FileSystem
 from loom.ids import IdGenerator
@@ -47,6 +51,8 @@ COMPLETE, ABORTED, INTERRUPTED = "complete", "aborted", "interrupted"
 REPLACED, DELETED = "replaced", "deleted"
 # A finished stream whose file no longer holds what was recorded.
 DAMAGED = "damaged"
+# The stream goes on, but with another producer (a resume that took it over).
+TAKEN_OVER = "taken over"
 
 
 class PartialWrite(OSError):
@@ -263,6 +269,7 @@ class LiveStream:
             parts = before(parts, limit - self.size)
             size = limit - self.size
         if size:
+            self._store.bytes_in += size
             if len(parts) > 1 and (size < 16384 or len(parts) > 256):
                 # Small pieces (lines of a log): one small copy is cheaper than
                 # many iovecs, for the file and for every follower.
@@ -306,10 +313,12 @@ class LiveStream:
         target = self.size
         self._syncing = True
         self.file.acquire()
+        started = self._store._clock.seconds()
 
         def done(result):
             self._syncing = False
             self.file.release()
+            self._store.observe_sync(self._store._clock.seconds() - started, result)
             if isinstance(result, Failure):
                 log.error(
                     "syncing stream {stream_id} failed: {error}",
@@ -384,6 +393,12 @@ class LiveStream:
             self._end(state if still_ours else REPLACED)
         if self.outcome != state:
             raise StreamCut(f"stream {self.id} was {self.outcome} while ending")
+
+    def take_over(self) -> None:
+        """A resuming producer proved it knows the exact size: the current one is dropped."""
+        if self.on_cut is not None:
+            on_cut, self.on_cut = self.on_cut, None
+            on_cut(TAKEN_OVER)
 
     def cut(self, outcome: str) -> None:
         """End the stream now because its data is gone (replaced, deleted)."""
@@ -503,12 +518,23 @@ class _StoreBase:
         fsync_interval: float = 1.0,
         max_stream_bytes: int | None = None,
         crash: CrashPoints | None = None,
+        resume_window: float | None = None,
+        retention: float | None = None,
     ):
         self._clock = clock
         self._runners = runners
         self.fsync = fsync
         self._fsync_interval = fsync_interval
         self.max_stream_bytes = max_stream_bytes
+        self.resume_window = resume_window
+        self.retention = retention
+        # Followers of an aborted stream waiting (resume_window) for a producer to resume it.
+        self._resume_waiters: dict[str, list] = {}
+        self._retention_loop: LoopingCall | None = None
+        # Plain counters for /metrics (cheap enough for the hot path).
+        self.bytes_in = 0
+        self.errors: collections.Counter = collections.Counter()
+        self.on_sync: Callable[[float], None] | None = None
         self._crash = crash or CrashPoints()
         self._live: dict[str, LiveStream] = {}
         self._locks: dict[str, DeferredLock] = {}
@@ -539,13 +565,21 @@ class _StoreBase:
             self._sync_loop = LoopingCall(self._sync_live_streams)
             self._sync_loop.clock = self._clock
             self._sync_loop.start(self._fsync_interval, now=False)
+        if self.retention:
+            self._retention_loop = LoopingCall(self._sweep)
+            self._retention_loop.clock = self._clock
+            self._retention_loop.start(RETENTION_EVERY, now=True)
 
     async def stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
-        if self._sync_loop is not None and self._sync_loop.running:
-            self._sync_loop.stop()
+        for loop in (self._sync_loop, self._retention_loop):
+            if loop is not None and loop.running:
+                loop.stop()
+        for waiters in list(self._resume_waiters.values()):
+            for follower in list(waiters):
+                follower.resume_abandoned()
         if self._sync_round is not None:
             await self._sync_round
         streams = list(self._live.values())
@@ -595,6 +629,13 @@ class _StoreBase:
     async def _sync_streams(self, streams: list[LiveStream]) -> None:
         """Sync each stream (a store may do it in one go)."""
         await DeferredList([s.sync() for s in streams], consumeErrors=True)
+
+    def observe_sync(self, seconds: float, result) -> None:
+        """Hear how long a sync took (for /metrics), and count failures."""
+        if isinstance(result, Failure):
+            self.errors["sync"] += 1
+        elif self.on_sync is not None:
+            self.on_sync(seconds)
 
     def _remember_unrecorded(self, stream: LiveStream, reason: str) -> None:
         self._unrecorded[stream.id] = replace(
@@ -662,9 +703,7 @@ class _StoreBase:
         return await self._create(stream_id, metadata_json, force)
 
     async def _create(self, stream_id: str, metadata_json: str, force: bool) -> LiveStream:
-        lock = self._locks.setdefault(stream_id, DeferredLock())
-        await lock.acquire()
-        try:
+        async with self._locked(stream_id):
             if not force and (
                 stream_id in self._live
                 or stream_id in self._unrecorded
@@ -684,12 +723,14 @@ class _StoreBase:
                     self._thd_create, record, force
                 )
             except (OSError, CatalogError) as e:
+                self.errors["create"] += 1
                 log.error("creating stream {stream_id} failed: {error}",
                           stream_id=stream_id, error=_describe(e))
                 raise StorageFailed(
                     f"Loom could not create the stream: {_describe(e)}."
                 ) from e
             self._unrecorded.pop(stream_id, None)
+            self._abandon_resume(stream_id)  # a new stream: old followers cannot go on
             old = self._live.get(stream_id)
             stream = LiveStream(self, record, data)
             stream.replaced = replaced_storage is not None
@@ -698,8 +739,8 @@ class _StoreBase:
                 old.cut(REPLACED)
             if replaced_storage is not None:
                 try:
-                    await self._runners.io(self._thd_remove_data, replaced_storage)
-                except OSError as e:
+                    await self._runners.catalog(self._thd_remove_data, [replaced_storage])
+                except (OSError, CatalogError) as e:
                     # The old file is an orphan now; the next reconciliation removes it.
                     log.warn("stream {stream_id}: removing the replaced data failed: {error}",
                              stream_id=stream_id, error=_describe(e))
@@ -707,10 +748,6 @@ class _StoreBase:
             for observer in list(self._observers):
                 observer(stream)
             return stream
-        finally:
-            lock.release()
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(stream_id, None)
 
     async def _record_end(self, stream: LiveStream, state: str, reason: str | None) -> bool:
         finished_ms = self._now_ms()
@@ -733,6 +770,136 @@ class _StoreBase:
                 why=f" ({reason})" if reason else "",
             )
         return ok
+
+    # deleting, resuming, expiring
+
+    async def delete(self, stream_id: str) -> None:
+        """Remove a stream: its live producer and followers are cut, its row and file go.
+
+        The row and a pending-delete note are committed together, so a crash
+        before the file is gone still ends with the file gone.
+        """
+        async with self._locked(stream_id):
+            live = self._live.get(stream_id)
+            record = live.record if live else self._unrecorded.get(stream_id)
+            if record is None:
+                record = self._get_record(stream_id)
+            if record is None:
+                raise StreamNotFound(stream_id)
+            if live is not None:
+                live.cut(DELETED)
+            self._abandon_resume(stream_id)
+            self._unrecorded.pop(stream_id, None)
+            try:
+                storages = await self._runners.catalog(
+                    self._thd_delete, [(stream_id, record.storage)]
+                )
+            except (OSError, CatalogError) as e:
+                self.errors["catalog"] += 1
+                raise StorageFailed(f"Loom could not delete the stream: {_describe(e)}.") from e
+            if not storages:
+                raise StreamNotFound(stream_id)
+            log.info("stream {stream_id} deleted", stream_id=stream_id)
+
+    async def resume(self, stream_id: str, offset: int) -> LiveStream:
+        """Continue a stream at ``offset``, which must be its size.
+
+        An aborted or interrupted stream becomes live again, and followers
+        still waiting for it go on. A live stream whose producer the server
+        still sees is taken over: that producer is dropped, the stream and
+        its followers carry on. OffsetMismatch says the size to resend from.
+        """
+        async with self._locked(stream_id):
+            live = self._live.get(stream_id)
+            if live is not None:
+                if live.closing or live.outcome is not None:
+                    raise StreamNotResumable(f"Stream {stream_id} is ending; try again.")
+                if offset != live.size:
+                    raise OffsetMismatch(stream_id, live.size)
+                live.take_over()
+                log.info("stream {stream_id} taken over at {size} bytes",
+                         stream_id=stream_id, size=live.size)
+                return live
+            record = self._unrecorded.get(stream_id) or self._get_record(stream_id)
+            if record is None:
+                raise StreamNotFound(stream_id)
+            if record.state not in (ABORTED, INTERRUPTED):
+                raise StreamNotResumable(
+                    f"Stream {stream_id} is {record.state}: only an aborted or interrupted "
+                    "stream can be appended to."
+                )
+            if offset != record.size:
+                raise OffsetMismatch(stream_id, record.size)
+            try:
+                data = await self._runners.catalog(self._thd_reopen, record)
+            except (OSError, CatalogError) as e:
+                self.errors["create"] += 1
+                raise StorageFailed(f"Loom could not reopen the stream: {_describe(e)}.") from e
+            self._unrecorded.pop(stream_id, None)
+            stream = LiveStream(self, replace(record, state="live", finished_ms=None,
+                                              reason=None), data)
+            stream.size = stream.synced = record.size
+            self._live[stream_id] = stream
+            log.info("stream {stream_id} resumed at {size} bytes",
+                     stream_id=stream_id, size=record.size)
+            for observer in list(self._observers):
+                observer(stream)
+            for follower in self._resume_waiters.pop(stream_id, []):
+                follower.stream_resumed(stream)
+            return stream
+
+    def wait_for_resume(self, stream_id: str, follower) -> None:
+        """Tell ``follower.stream_resumed(stream)`` if the stream resumes (until it stops waiting)."""
+        self._resume_waiters.setdefault(stream_id, []).append(follower)
+
+    def stop_waiting(self, stream_id: str, follower) -> None:
+        waiters = self._resume_waiters.get(stream_id)
+        if waiters and follower in waiters:
+            waiters.remove(follower)
+            if not waiters:
+                del self._resume_waiters[stream_id]
+
+    def _abandon_resume(self, stream_id: str) -> None:
+        for follower in self._resume_waiters.pop(stream_id, []):
+            follower.resume_abandoned()
+
+    async def _sweep(self) -> None:
+        """Retention: delete finished streams older than ``retention``, a batch at a time."""
+        cutoff = self._now_ms() - int(self.retention * 1000)
+        while True:
+            try:
+                expired = await self._runners.catalog(self._thd_expire, cutoff, RETENTION_BATCH)
+            except (OSError, CatalogError) as e:
+                self.errors["catalog"] += 1
+                log.error("retention sweep failed: {error}", error=_describe(e))
+                return
+            if expired:
+                for stream_id in expired:
+                    self._unrecorded.pop(stream_id, None)
+                    self._abandon_resume(stream_id)
+                shown = ", ".join(expired[:20])
+                more = f" and {len(expired) - 20} more" if len(expired) > 20 else ""
+                log.info("retention: deleted {count} streams finished more than {age} ago: "
+                         "{ids}{more}", count=len(expired), age=_age(self.retention),
+                         ids=shown, more=more)
+            if len(expired) < RETENTION_BATCH:
+                return
+
+    def list_streams(self, **filters) -> list[StreamRecord]:
+        """Catalog records matching ``filters`` (see Catalog.list), live ones as they are now."""
+        records = self._list_records(**filters)
+        current = []
+        for record in records:
+            live = self._live.get(record.id)
+            if live is not None and live.record.storage == record.storage:
+                record = replace(record, size=live.size)
+            elif record.id in self._unrecorded:
+                record = self._unrecorded[record.id]
+            current.append(record)
+        return current
+
+    def _locked(self, stream_id: str):
+        return _IdLock(self._locks, stream_id)
 
     # reading
 
@@ -795,6 +962,57 @@ class _StoreBase:
 
     def _thd_mark_clean_shutdown(self) -> None:
         raise NotImplementedError
+
+    def _thd_delete(self, streams: list[tuple[str, str]]) -> list[str]:
+        """Delete the rows, then the files; return the storages deleted."""
+        raise NotImplementedError
+
+    def _thd_reopen(self, record: StreamRecord):
+        """Open an aborted or interrupted stream's file for appending; mark it live."""
+        raise NotImplementedError
+
+    def _thd_expire(self, before_ms: int, limit: int) -> list[str]:
+        """Delete up to ``limit`` finished streams that ended before ``before_ms``; their ids."""
+        raise NotImplementedError
+
+    def _list_records(self, **filters) -> list[StreamRecord]:
+        raise NotImplementedError
+
+    def stream_count(self) -> int:
+        """How many streams the catalog holds."""
+        raise NotImplementedError
+
+    def check_health(self) -> None:
+        """Raise Unavailable unless streams can be read and written."""
+
+
+RETENTION_EVERY = 60.0  # seconds between retention sweeps
+RETENTION_BATCH = 500
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+class _IdLock:
+    """``async with``: one operation at a time per stream id (create, delete, resume)."""
+
+    def __init__(self, locks: dict, stream_id: str):
+        self._locks = locks
+        self._id = stream_id
+
+    async def __aenter__(self):
+        self._lock = self._locks.setdefault(self._id, DeferredLock())
+        await self._lock.acquire()
+
+    async def __aexit__(self, *exc):
+        self._lock.release()
+        if not self._lock.locked and not self._lock.waiting:
+            self._locks.pop(self._id, None)
+        return False
 
 
 def _describe(error: Exception) -> str:
@@ -905,14 +1123,60 @@ class DiskStore(_StoreBase):
     def _thd_record_end(self, record, state, size, at_ms, reason) -> bool:
         return self._writer.finish(record.id, record.storage, state, size, at_ms, reason)
 
-    def _thd_remove_data(self, storage: str) -> None:
-        try:
-            self._fs.unlink(self.data_path(storage).path)
-        except FileNotFoundError:
-            pass
+    def _thd_remove_data(self, storages: list[str]) -> None:
+        """Remove the files of ``storages`` (pending deletes), then forget them."""
+        for storage in storages:
+            try:
+                self._fs.unlink(self.data_path(storage).path)
+            except FileNotFoundError:
+                pass
+        self._writer.forget_pending_deletes(storages)
 
     def _thd_mark_clean_shutdown(self) -> None:
         self._writer.set_setting("clean_shutdown", "1")
+
+    def _thd_delete(self, streams: list[tuple[str, str]]) -> list[str]:
+        storages = self._writer.delete(streams)
+        self._thd_remove_data(storages)
+        return storages
+
+    def _thd_reopen(self, record: StreamRecord) -> DataFile:
+        path = self.data_path(record.storage)
+        path.parent().makedirs(ignoreExistingDirectory=True)
+        fd = self._fs.open(path.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            # Bytes beyond the recorded size were never part of the stream.
+            os.ftruncate(fd, record.size)
+            if not self._writer.reopen(record.id, record.storage):
+                raise StreamNotFound(record.id)
+        except BaseException:
+            self._fs.close(fd)
+            raise
+        return DataFile(fd, self._fs, path.parent().path)
+
+    def _thd_expire(self, before_ms: int, limit: int) -> list[str]:
+        expired = self._writer.expired(before_ms, limit)
+        self._thd_delete(expired)
+        return [stream_id for stream_id, _ in expired]
+
+    def _list_records(self, **filters) -> list[StreamRecord]:
+        return self._reader.list(**filters)
+
+    def stream_count(self) -> int:
+        return self._reader.count()
+
+    def check_health(self) -> None:
+        if self._reader is None:
+            raise Unavailable("The store is not open.")
+        try:
+            self._reader.usable()
+        except CatalogError as e:
+            raise Unavailable(f"The catalog cannot be read: {e}") from e
+        streams = self.data_dir.child("streams").path
+        if not os.access(streams, os.W_OK | os.X_OK):
+            raise Unavailable(f"The data directory {streams} is not writable.")
+        if os.statvfs(streams).f_bavail == 0:
+            raise Unavailable("The data directory's file system is full.")
 
     async def _sync_streams(self, streams: list[LiveStream]) -> None:
         """Many streams: one syncfs of the data directory's file system, not one fsync each.
@@ -971,9 +1235,22 @@ class Recovery:
             raise CatalogError(f"the catalog {self._catalog.path} is damaged: {problems[0]}")
         clean = self._catalog.get_setting("clean_shutdown") == "1"
         self._catalog.set_setting("clean_shutdown", "0")
+        self._finish_deletes()
         self._interrupt_live_streams()
         if not clean:
             self._reconcile()
+
+    def _finish_deletes(self) -> None:
+        """Files whose rows were deleted (or replaced) before a crash: remove them now."""
+        pending = self._catalog.pending_deletes()
+        for storage in pending:
+            try:
+                os.unlink(self._store.data_path(storage).path)
+                log.info("removed the data of a deleted stream ({storage})", storage=storage)
+            except FileNotFoundError:
+                pass
+        if pending:
+            self._catalog.forget_pending_deletes(pending)
 
     def _interrupt_live_streams(self) -> None:
         for record in self._catalog.records_in_state("live"):
@@ -1079,8 +1356,57 @@ class MemoryStore(_StoreBase):
         )
         return True
 
-    def _thd_remove_data(self, storage):
-        self.files.pop(storage, None)
+    def _thd_remove_data(self, storages):
+        for storage in storages:
+            self.files.pop(storage, None)
 
     def _thd_mark_clean_shutdown(self):
         pass
+
+    def _thd_delete(self, streams):
+        storages = []
+        for stream_id, storage in streams:
+            current = self.records.get(stream_id)
+            if current is not None and current.storage == storage:
+                del self.records[stream_id]
+                storages.append(storage)
+        self._thd_remove_data(storages)
+        return storages
+
+    def _thd_reopen(self, record):
+        data = self.files.setdefault(record.storage, bytearray())
+        del data[record.size :]
+        self.records[record.id] = replace(record, state="live", finished_ms=None, reason=None)
+        return MemoryFile(data)
+
+    def _thd_expire(self, before_ms, limit):
+        expired = sorted(
+            (r for r in self.records.values()
+             if r.state != "live" and r.finished_ms is not None and r.finished_ms < before_ms),
+            key=lambda r: r.finished_ms,
+        )[:limit]
+        self._thd_delete([(r.id, r.storage) for r in expired])
+        return [r.id for r in expired]
+
+    def stream_count(self):
+        return len(self.records)
+
+    def _list_records(self, state=None, since_ms=None, until_ms=None, meta=(), before=None,
+                      limit=100):
+        from loom.catalog import meta_rows
+
+        def matches(record):
+            if state is not None and record.state != state:
+                return False
+            if since_ms is not None and record.created_ms < since_ms:
+                return False
+            if until_ms is not None and record.created_ms >= until_ms:
+                return False
+            if before is not None and (record.created_ms, record.id) >= before:
+                return False
+            indexed = {(k, v) for _, k, v in meta_rows(record.id, record.metadata)}
+            return all(pair in indexed for pair in meta)
+
+        chosen = sorted(filter(matches, self.records.values()),
+                        key=lambda r: (r.created_ms, r.id), reverse=True)
+        return chosen[:limit]

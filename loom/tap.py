@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 
 from twisted.python import usage
 
@@ -68,13 +69,17 @@ class Options(usage.Options):
 
 
 class _CommandLineService(LoomService):
-    """Under twistd a start-up failure is one line on stderr and exit status 1."""
+    """Under twistd: a start-up failure is one line on stderr and exit status 1, and
+    SIGHUP reloads the tokens."""
 
     def startService(self):
         try:
             super().startService()
         except StartupError as e:
             raise SystemExit(f"loom: {e}")
+        from twisted.internet import reactor
+
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.reload_tokens))
 
 
 def _raise_open_file_limit() -> None:
@@ -92,8 +97,13 @@ def makeService(options: Options) -> LoomService:
     files = options["config"]
     if not files and os.environ.get("LOOM_CONFIG"):
         files = [path for path in os.environ["LOOM_CONFIG"].split(os.pathsep) if path]
+    cli = options.command_line_settings()
+
+    def load():
+        return load_config(files, os.environ, cli)
+
     try:
-        loaded = load_config(files, os.environ, options.command_line_settings())
+        loaded = load()
     except ConfigError as e:
         raise SystemExit(f"loom: {e}")
     _raise_open_file_limit()
@@ -104,6 +114,7 @@ def makeService(options: Options) -> LoomService:
         reactor,
         warnings=loaded.warnings,
         crash=crash_points_from(os.environ.get("LOOM_CRASH_AT")),
+        reload_config=load,
     )
 
 

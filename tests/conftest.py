@@ -5,7 +5,7 @@ import pytest
 import pytest_twisted
 from twisted.logger import formatEvent, globalLogPublisher
 
-from tests.helpers import CHILD_OUTPUT, SECRET_MARK, start_server
+from tests.helpers import CHILD_OUTPUT, SECRET_MARK, kill_children, start_server
 
 _LOG_PATH = os.path.join(tempfile.gettempdir(), f"loom-tests-{os.getpid()}.log")
 _log_file = None
@@ -23,7 +23,9 @@ def pytest_configure(config):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Fail the run if a token reached any log line, in this process or a child's output."""
+    """Fail the run if a token reached any log line, in this process or a child's output;
+    and leave no child process behind."""
+    kill_children()
     globalLogPublisher.removeObserver(_record)
     with open(_LOG_PATH, "a", encoding="utf-8", errors="replace") as f:
         for output in CHILD_OUTPUT:

@@ -17,6 +17,7 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import Clock
@@ -37,6 +38,8 @@ GUARD_SECONDS = 30.0
 SECRET_MARK = "sekrit"
 # Everything child processes printed, for that search.
 CHILD_OUTPUT: list[str] = []
+# Every child process started, so that none outlives the test run.
+CHILDREN: list = []
 
 
 def guard(d: Deferred, seconds: float = GUARD_SECONDS) -> Deferred:
@@ -119,7 +122,7 @@ def make_fake_site(
         stalled_reader_timeout=stalled_reader_timeout,
     )
     site = LoomSite(Root(app), clock, idle_timeout=idle_timeout, header_timeout=header_timeout,
-                    max_connections=max_connections,
+                    max_connections=max_connections, counters=app.site_counters,
                     max_head_bytes=max(64 * 1024, max_metadata_bytes + 8192))
     return FakeSite(clock, store, site, app)
 
@@ -225,6 +228,9 @@ class RunningServer:
 
 
 async def start_server(data_dir: str, **settings) -> RunningServer:
+    """A server in this process. Followers of an aborted stream are cut at once
+    (resume_window 0) unless the test asks for a resume window."""
+    settings.setdefault("resume_window", None)
     config = Config(
         listen=("tcp:0:interface=127.0.0.1",), data_dir=str(data_dir), **settings
     )
@@ -320,7 +326,21 @@ def spawn(argv: list[str], env: dict | None = None, cwd: str | None = None) -> P
     transport = reactor.spawnProcess(
         protocol, argv[0], argv, env=env or child_environment(), path=cwd
     )
+    CHILDREN.append(transport)
     return Process(protocol, transport, argv)
+
+
+def kill_children() -> int:
+    """SIGKILL every child process still running (after a failed test); how many."""
+    killed = 0
+    for transport in CHILDREN:
+        if transport.pid is not None:
+            try:
+                transport.signalProcess("KILL")
+                killed += 1
+            except ProcessExitedAlready:  # it ended between the check and the signal
+                pass
+    return killed
 
 
 async def run(argv, env=None, cwd=None, stdin: bytes | None = None, seconds=GUARD_SECONDS):
@@ -373,6 +393,8 @@ async def start_server_process(data_dir: str, *args: str, cwd: str | None = None
                                env: dict | None = None) -> ServerProcess:
     argv = TWISTD + ["--nodaemon", "--pidfile=", "loom", "--data-dir", str(data_dir),
                      "--listen", "tcp:0:interface=127.0.0.1", *args]
+    env = env or child_environment()
+    env.setdefault("LOOM_RESUME_WINDOW", "0")  # cut followers of aborted streams at once
     process = spawn(argv, env=env, cwd=cwd or os.path.dirname(str(data_dir)))
     match = await process.protocol.wait_for_output(r"Loom ready: .* listening on .*:(\d+)")
     return ServerProcess(process, int(match.group(1)), str(data_dir))

@@ -29,7 +29,8 @@ def test_original_service_keys_are_accepted(tmp_path):
     loaded = load_config([path])
     assert loaded.config.listen == ("tcp:4000:interface=0.0.0.0",)
     assert loaded.config.data_dir == "/tmp/loom-data"
-    assert loaded.config.tokens == ("token1", "token2")
+    assert [t.secret for t in loaded.config.tokens] == ["token1", "token2"]
+    assert all(t.scopes == {"read", "write", "spy", "admin"} for t in loaded.config.tokens)
     assert any("storageTailTimeout" in w for w in loaded.warnings)
 
 
@@ -141,4 +142,49 @@ def test_durations_and_sizes_take_units(tmp_path):
 
 def test_tokens_from_environment_are_comma_separated():
     """LOOM_TOKENS holds several tokens separated by commas."""
-    assert load_config([], {"LOOM_TOKENS": "a, b,c"}).config.tokens == ("a", "b", "c")
+    tokens = load_config([], {"LOOM_TOKENS": "a, b,c"}).config.tokens
+    assert [t.secret for t in tokens] == ["a", "b", "c"]
+
+
+def test_scoped_tokens_and_bare_tokens_side_by_side(tmp_path):
+    """The original list form keeps full access; mappings limit a token to its scopes."""
+    path = write(tmp_path, "a.yml", (
+        "tokens:\n  - legacy-token\n  - {token: ci-writer, scopes: [write]}\n"
+        "  - {token: dashboard, scopes: [read, spy]}\n  - {token: ops, scopes: [admin]}\n"
+    ))
+    tokens = {t.secret: t.scopes for t in load_config([path]).config.tokens}
+    assert tokens == {
+        "legacy-token": {"read", "write", "spy", "admin"},
+        "ci-writer": {"write"},
+        "dashboard": {"read", "spy"},
+        "ops": {"admin"},
+    }
+    assert "legacy-token" not in repr(load_config([path]).config)  # never printed
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("tokens: [{token: a, scopes: [fly]}]", "scopes must be a list drawn from"),
+        ("tokens: [{token: a, scopes: []}]", "scopes must be a list drawn from"),
+        ("tokens: [{token: a, scope: [read]}]", "unknown keys: scope"),
+        ("tokens: [{scopes: [read]}]", "token #1 must be"),
+        ("tokens: [a, a]", "the same token is listed twice"),
+        ("retention: forever", "retention: expected a duration"),
+        ("resumeWindow: -1", "resumeWindow: expected a duration"),
+    ],
+)
+def test_bad_tokens_and_new_settings_are_refused(tmp_path, text, message):
+    """Unknown scopes, missing tokens, duplicates and bad durations are one-line errors."""
+    path = write(tmp_path, "bad.yml", text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config([path])
+
+
+def test_retention_and_resume_window(tmp_path):
+    """retention (default: keep forever) and resumeWindow (default 30 s) take durations."""
+    assert load_config().config.retention is None
+    assert load_config().config.resume_window == 30
+    path = write(tmp_path, "a.yml", "retention: 30d\nresumeWindow: 0\n")
+    config = load_config([path]).config
+    assert config.retention == 30 * 86400 and config.resume_window is None

@@ -236,3 +236,85 @@ async def test_non_ascii_metadata_round_trips(server):
     response = await treq.get(server.url + "/stream/meta")
     assert json.loads(response.headers.getRawHeaders("x-stream-metadata")[0]) == metadata
     await response.content()
+
+
+def _final(out: bytes) -> tuple[bytes, dict[str, str], bytes]:
+    """The final response in ``curl -i`` output (past any ``100 Continue``): status line,
+    headers with lower-cased names, body."""
+    while out.startswith(b"HTTP/1.1 100"):
+        out = out.split(b"\r\n\r\n", 1)[1]
+    head, _, body = out.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    return status.encode(), {k.lower(): v for k, v in (x.split(": ", 1) for x in lines)}, body
+
+
+@pytest_twisted.ensureDeferred
+async def test_readme_resume_and_manage_curl_examples(server, tmp_path):
+    """The README's curl commands for ranges, offsets, HEAD, appends, listing and DELETE."""
+    log = bytes(range(256)) * 8  # 2048 bytes
+    code, out, err = await run(CURL + ["-X", "POST", "-H", 'X-Stream-Metadata: {"branch":"main"}',
+                                       server.url + "/stream/build-42", "--data-binary", "@-"],
+                               stdin=log)
+    assert code == 0, err
+    url = server.url + "/stream/build-42"
+
+    code, out, err = await run(CURL + ["-i", "-H", "Range: bytes=0-1023", url])
+    status, headers, body = _final(out)
+    assert status == b"HTTP/1.1 206 Partial Content" and body == log[:1024]
+    assert headers["content-range"] == "bytes 0-1023/2048"
+    assert headers["accept-ranges"] == "bytes"
+    code, out, err = await run(CURL + ["-H", "Range: bytes=-500", url])
+    assert (code, out) == (0, log[-500:])
+    code, out, err = await run(CURL + ["-i", "-H", "Range: bytes=4096-", url])
+    status, headers, _ = _final(out)
+    assert status.startswith(b"HTTP/1.1 416") and headers["content-range"] == "bytes */2048"
+    code, out, err = await run(CURL + ["--no-buffer", url + "?offset=2000"])
+    assert (code, out) == (0, log[2000:])
+
+    code, out, err = await run(CURL + ["-I", url])
+    status, headers, body = _final(out)
+    assert (status, body) == (b"HTTP/1.1 200 OK", b"")
+    assert (headers["x-stream-size"], headers["x-stream-state"]) == ("2048", "complete")
+    assert headers["content-length"] == "2048"
+
+    # A producer that vanished mid-body; its follower is cut (no resume window here).
+    producer = await start_producer(server.port, b"build-43", b"first half\n")
+    follower = await raw_connect(server.port)
+    follower.send(b"GET /stream/build-43 HTTP/1.0\r\n\r\n")
+    await follower.wait_for(b"first half\n")
+    producer.transport.abortConnection()
+    await follower.closed
+    append = CURL + ["-i", "-T", "-", "-X", "POST"]
+    target = server.url + "/stream/build-43?append=true"
+    code, out, err = await run(append + ["-H", "X-Stream-Offset: 5", target], stdin=b"x")
+    status, headers, _ = _final(out)
+    assert status.startswith(b"HTTP/1.1 416") and headers["x-stream-size"] == "11"
+    code, out, err = await run(append + ["-H", "X-Stream-Offset: 11", target],
+                               stdin=b"second half\n")
+    status, headers, _ = _final(out)
+    assert code == 0 and status == b"HTTP/1.1 200 OK", out  # appended, not created
+    assert headers["x-stream-offset"] == "11"
+    code, out, err = await run(CURL + ["-i", server.url + "/stream/build-43"])
+    _, headers, body = _final(out)
+    assert body == b"first half\nsecond half\n" and headers["x-stream-state"] == "complete"
+
+    code, out, err = await run(CURL + [server.url + "/streams?state=complete&meta.branch=main"])
+    listing = json.loads(out)
+    assert [s["id"] for s in listing["streams"]] == ["build-42"]
+    assert listing["streams"][0]["metadata"] == {"branch": "main"}
+
+    # DELETE cuts a live producer off and ends its follower without the final chunk.
+    producer = await start_producer(server.port, b"build-44", b"doomed\n")
+    reader = spawn(CURL + ["--no-buffer", server.url + "/stream/build-44"])
+    await reader.protocol.wait_for_output("doomed")
+    code, out, err = await run(CURL + ["-i", "-X", "DELETE", server.url + "/stream/build-44"])
+    assert out.startswith(b"HTTP/1.1 204")
+    assert (await reader.wait()).exit_code == 18  # transfer closed with data outstanding
+    await producer.closed
+    code, out, err = await run(CURL + ["-i", "-X", "DELETE", server.url + "/stream/build-44"])
+    assert out.startswith(b"HTTP/1.1 404")
+
+    code, out, err = await run(CURL + [server.url + "/health"])
+    assert json.loads(out) == {"status": "ok"}
+    code, out, err = await run(CURL + [server.url + "/metrics"])
+    assert b"loom_streams 2.0" in out and b"loom_streams_live 0.0" in out

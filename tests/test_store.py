@@ -1,6 +1,7 @@
 """The store contract: DiskStore and MemoryStore pass the same tests."""
 
 import errno
+import json
 import os
 
 import pytest
@@ -8,7 +9,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from loom.errors import StorageFailed, StreamCut, StreamExists, StreamNotFound
+from loom.errors import (
+    OffsetMismatch,
+    StorageFailed,
+    StreamCut,
+    StreamExists,
+    StreamNotFound,
+    StreamNotResumable,
+)
 from loom.store import (
     ABORTED,
     COMPLETE,
@@ -412,3 +420,183 @@ def test_an_end_the_catalog_refuses_is_served_and_retried(stores):
     stores.clock.advance(1.0)
     assert not store._unrecorded
     assert read_all(stores.make(), "s1") == (b"kept bytes", "aborted")
+
+
+# --- issue 6: delete, resume, retention, listing -------------------------------------
+
+
+def test_delete_cuts_a_live_stream_and_removes_everything(stores):
+    """DELETE: the producer and followers are cut, the row and the data are gone."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"data")
+    cuts, listener = [], Listener()
+    stream.on_cut = cuts.append
+    stream.subscribe(listener)
+    result(store.delete("s1"))
+    assert cuts == ["deleted"] and listener.ended == ["deleted"]
+    with pytest.raises(StreamNotFound):
+        store.open("s1")
+    with pytest.raises(StreamNotFound):
+        result(store.delete("s1"))
+    assert store.stream_count() == 0
+    result(store.create("s1", "{}"))  # the id is free again
+
+
+def test_resume_continues_an_aborted_stream_at_its_size(stores):
+    """append at the right offset: the stream is live again and grows from there."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"first ")
+    result(stream.abort())
+    with pytest.raises(OffsetMismatch) as mismatch:
+        result(store.resume("s1", 3))
+    assert mismatch.value.size == 6 and mismatch.value.headers == {"X-Stream-Size": "6"}
+    resumed = result(store.resume("s1", 6))
+    assert resumed.size == 6
+    resumed.append(b"second")
+    result(resumed.complete())
+    assert read_all(store, "s1") == (b"first second", "complete")
+
+
+def test_resume_after_a_restart_continues_an_interrupted_stream(stores):
+    """A stream interrupted by a crash can be appended to after the restart."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"before ")
+    restarted = stores.make()
+    resumed = result(restarted.resume("s1", 7))
+    resumed.append(b"after")
+    result(resumed.complete())
+    assert read_all(restarted, "s1") == (b"before after", "complete")
+
+
+def test_only_aborted_or_interrupted_streams_resume(stores):
+    """A complete stream, or an unknown id, cannot be appended to."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    result(stream.complete())
+    with pytest.raises(StreamNotResumable):
+        result(store.resume("s1", 0))
+    with pytest.raises(StreamNotFound):
+        result(store.resume("ghost", 0))
+
+
+def test_resume_takes_over_a_live_stream_at_its_exact_size(stores):
+    """A producer that knows the exact size takes over a stream the server still sees live."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"abc")
+    cuts = []
+    stream.on_cut = cuts.append
+    with pytest.raises(OffsetMismatch):
+        result(store.resume("s1", 1))
+    assert result(store.resume("s1", 3)) is stream
+    assert cuts == ["taken over"] and stream.outcome is None
+    stream.append(b"def")
+    assert read_all(store, "s1") == (b"abcdef", "live")
+
+
+def test_followers_wait_for_a_resume_within_the_window(stores):
+    """Followers of an aborted stream wait; a resume in time gives them one continuous stream."""
+    from loom.follow import Follower
+    from tests.test_follow import Sink
+
+    store = stores.make()
+    store.resume_window = 30
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"one ")
+    waiting, late = Sink(), Sink()
+    Follower(store.open("s1"), waiting, stores.clock, resumes=store).start()
+    Follower(store.open("s1"), late, stores.clock, resumes=store).start()
+    result(stream.abort())
+    assert not waiting.cut_off and not late.cut_off  # waiting for the producer
+    stores.clock.advance(10)
+    resumed = result(store.resume("s1", 4))
+    resumed.append(b"two")
+    result(resumed.complete())
+    assert bytes(waiting.data) == b"one two" and waiting.ended
+    assert store._resume_waiters == {}
+
+
+def test_followers_give_up_when_the_window_passes(stores):
+    """Without a resume in time, the followers are cut as before."""
+    from loom.follow import Follower
+    from tests.test_follow import Sink
+
+    store = stores.make()
+    store.resume_window = 30
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"one")
+    sink = Sink()
+    Follower(store.open("s1"), sink, stores.clock, resumes=store).start()
+    result(stream.abort())
+    stores.clock.advance(31)
+    assert sink.cut_off and bytes(sink.data) == b"one"
+    assert store._resume_waiters == {}
+
+
+def test_retention_deletes_old_finished_streams_in_batches(stores, monkeypatch):
+    """Finished streams older than the retention go, batch by batch; live ones stay."""
+    import loom.store
+
+    monkeypatch.setattr(loom.store, "RETENTION_BATCH", 3)
+    store = stores.make()
+    for index in range(7):
+        result(result(store.create(f"old{index}", "{}")).complete())
+    live = result(store.create("live", "{}"))
+    stores.clock.advance(3600 * 24 * 2)
+    result(result(store.create("young", "{}")).complete())
+    store.retention = 86400
+    result(store._sweep())
+    remaining = sorted(r.id for r in store.list_streams(limit=100))
+    assert remaining == ["live", "young"]
+    assert live.outcome is None
+
+
+def test_listing_filters_and_pages_stably(stores):
+    """Listing: filters by state, time and metadata; newest first; cursors unaffected by inserts."""
+    store = stores.make()
+    for index in range(5):
+        branch = "main" if index % 2 else "dev"
+        stream = result(store.create(f"s{index}", json.dumps({"branch": branch, "n": index})))
+        stream.append(b"x" * index)
+        if index < 4:
+            result(stream.complete())
+        stores.clock.advance(1)
+    assert [r.id for r in store.list_streams(limit=10)] == ["s4", "s3", "s2", "s1", "s0"]
+    assert [r.id for r in store.list_streams(meta=(("branch", "main"),))] == ["s3", "s1"]
+    assert [r.id for r in store.list_streams(meta=(("branch", "dev"), ("n", "2")))] == ["s2"]
+    assert [r.id for r in store.list_streams(state="live")] == ["s4"]
+    assert store.list_streams(state="live")[0].size == 4  # the live size, not the catalog's
+    first = store.list_streams(limit=2)
+    cursor = (first[-1].created_ms, first[-1].id)
+    result(store.create("newer", "{}"))  # a new stream must not shift the next page
+    assert [r.id for r in store.list_streams(limit=2, before=cursor)] == ["s2", "s1"]
+    created = {r.id: r.created_ms for r in store.list_streams(limit=10)}
+    window = store.list_streams(since_ms=created["s2"], until_ms=created["s3"] + 1)
+    assert [r.id for r in window] == ["s3", "s2"]
+
+
+def test_a_crash_between_deleting_the_row_and_the_file_still_removes_the_file(tmp_path):
+    """The row and a pending-delete note commit together; the next start removes the file."""
+    stores = Stores("disk", tmp_path)
+    store = stores.make()
+    result(result(store.create("s1", "{}")).complete())
+    path = store.data_path(store.open("s1").record.storage).path
+    store._thd_remove_data = lambda storages: None  # the process dies before the unlink
+    result(store.delete("s1"))
+    assert os.path.exists(path)
+    store._close_storage()
+    stores.make()
+    assert not os.path.exists(path)
+
+
+def test_listing_uses_the_metadata_index(tmp_path):
+    """A metadata filter is answered through the stream_meta index, not a scan."""
+    from loom.catalog import Catalog
+
+    catalog = Catalog(str(tmp_path / "c.sqlite3"))
+    plan = catalog.explain_list(meta=(("branch", "main"),), state="complete")
+    assert "stream_meta_by_value" in plan, plan
+    assert "SCAN stream_meta" not in plan

@@ -1,4 +1,4 @@
-"""Bearer tokens: who may use Loom, checked in constant time."""
+"""Bearer tokens: who may use Loom and for what, checked in constant time."""
 
 from __future__ import annotations
 
@@ -7,7 +7,18 @@ import hmac
 
 from twisted.web.iweb import IRequest
 
-from loom.errors import BadRequest, Unauthorized
+from loom.config import SCOPES, Token
+from loom.errors import BadRequest, Forbidden, Unauthorized
+
+ALL_SCOPES = frozenset(SCOPES)
+
+# What each scope lets a token do, for the 403 sentence.
+_ACTIONS = {
+    "read": "read streams",
+    "write": "write streams",
+    "spy": "watch /spy",
+    "admin": "delete streams",
+}
 
 
 def _digest(secret: bytes) -> bytes:
@@ -19,21 +30,34 @@ def _digest(secret: bytes) -> bytes:
 class BearerAuth:
     """Checks ``Authorization: Bearer <token>`` against the configured tokens.
 
-    With no tokens configured every request is allowed. Tokens are kept only
-    as digests, and never logged.
+    With no tokens configured every request may do everything. Tokens are
+    kept only as digests, and never logged. ``replace`` swaps the tokens in
+    place (SIGHUP), without touching open connections.
     """
 
-    def __init__(self, tokens: tuple[str, ...] = ()):
-        self._digests = tuple(_digest(token.encode("ascii")) for token in tokens)
+    def __init__(self, tokens=()):
+        self.replace(tokens)
+
+    def replace(self, tokens) -> None:
+        entries = []
+        for token in tokens:
+            if isinstance(token, str):
+                token = Token(token)
+            entries.append((_digest(token.secret.encode("ascii")), token.scopes))
+        self._entries = tuple(entries)
 
     @property
     def enabled(self) -> bool:
-        return bool(self._digests)
+        return bool(self._entries)
 
-    def check(self, request: IRequest) -> None:
-        """Return if the request may proceed; raise Unauthorized or BadRequest if not."""
-        if not self._digests:
-            return
+    @property
+    def count(self) -> int:
+        return len(self._entries)
+
+    def check(self, request: IRequest) -> frozenset[str]:
+        """The scopes the request's token grants; Unauthorized or BadRequest if none."""
+        if not self._entries:
+            return ALL_SCOPES
         values = request.requestHeaders.getRawHeaders(b"authorization")
         if not values:
             raise Unauthorized("This server needs an Authorization: Bearer <token> header.")
@@ -45,9 +69,20 @@ class BearerAuth:
         if getattr(request, "authorization_padded", False):
             raise Unauthorized("The bearer token is not valid.")  # "token " is not "token"
         offered = _digest(credentials)
-        matched = False
-        for known in self._digests:
+        granted = None
+        for known, scopes in self._entries:
             # No early exit: every token is compared whatever the outcome.
-            matched |= hmac.compare_digest(offered, known)
-        if not matched:
+            if hmac.compare_digest(offered, known):
+                granted = scopes
+        if granted is None:
             raise Unauthorized("The bearer token is not valid.")
+        return granted
+
+
+def require(request, scope: str) -> None:
+    """Raise Forbidden unless the request's token grants ``scope`` (admin grants all)."""
+    scopes = getattr(request, "scopes", ALL_SCOPES)
+    if scope not in scopes and "admin" not in scopes:
+        raise Forbidden(
+            f"This token may not {_ACTIONS[scope]}: it needs the {scope} scope."
+        )

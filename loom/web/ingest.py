@@ -31,7 +31,7 @@ from twisted.web import http, server
 
 from loom.buffers import after
 from loom.errors import StorageFailed, StreamCut, StreamTooLarge
-from loom.store import LiveStream
+from loom.store import TAKEN_OVER, LiveStream
 from loom.web.responses import answer_failure
 
 log = Logger()
@@ -145,6 +145,19 @@ class _BodyDecoder:
         return parts, None
 
 
+def _keep_alive(transport) -> None:
+    """TCP keepalive probes after a minute of silence: a quiet follower's connection (and
+    its NAT or firewall state) stays up, and a peer that vanished is noticed."""
+    transport.setTcpKeepAlive(True)
+    sock = transport.getHandle()
+    for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
+        if hasattr(socket, option):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+            except OSError:
+                pass
+
+
 class LoomChannel(http.HTTPChannel):
     """An HTTPChannel that lets requests act as soon as their headers are complete.
 
@@ -171,6 +184,8 @@ class LoomChannel(http.HTTPChannel):
         self.MAX_LENGTH = self.totalHeadersSize = self.site.max_head_bytes
         self.site.channels.add(self)
         super().connectionMade()
+        if type(self.transport) is tcp.Server:
+            _keep_alive(self.transport)
 
     # Once a request was answered before its body ended, nothing more the
     # client sends may reach the parser: the rest of the current read is
@@ -515,6 +530,7 @@ class LoomRequest(server.Request):
         if self._disconnected or not size:
             return
         self.sentLength += size
+        self.site.counters.bytes_out += size
         if self.chunked:
             if size <= _SHARED_FRAME_LIMIT:
                 parts = [_shared_frame(parts, size)]
@@ -561,9 +577,16 @@ class Ingest:
 
     async def run(self, stream_id: str | None, metadata_json: str, force: bool) -> None:
         """Create the stream and answer 201, or raise the LoomError to answer instead."""
+        await self._start(lambda: self._store.create(stream_id, metadata_json, force))
+
+    async def resume(self, stream_id: str, offset: int) -> None:
+        """Append to a stream at ``offset`` and answer 200, or raise (416: resend from X)."""
+        await self._start(lambda: self._store.resume(stream_id, offset), resumed_at=offset)
+
+    async def _start(self, open_stream, resumed_at: int | None = None) -> None:
         self._channel.pause_reading()
         try:
-            stream = await self._store.create(stream_id, metadata_json, force)
+            stream = await open_stream()
         except BaseException:
             self._channel.resume_reading()
             raise
@@ -571,7 +594,7 @@ class Ingest:
         self._request.stream_id = stream.id
         stream.on_cut = self._cut
         if not self._lost:
-            self._send_created(stream)
+            self._send_created(stream, resumed_at)
         pending, self._pending = self._pending, []
         for parts in pending:
             self.body_data(parts)
@@ -581,14 +604,18 @@ class Ingest:
             self._complete()
         self._channel.resume_reading()
 
-    def _send_created(self, stream: LiveStream) -> None:
+    def _send_created(self, stream: LiveStream, resumed_at: int | None) -> None:
         request = self._request
         self._channel.send_continue()
         if not request.body_done:
             self._channel.set_body_timeout(self._producer_idle_timeout)
-        request.setResponseCode(http.CREATED)
         request.setHeader(b"X-Stream-Id", stream.id.encode("ascii"))
         request.setHeader(b"Location", b"/stream/" + stream.id.encode("ascii"))
+        if resumed_at is None:
+            request.setResponseCode(http.CREATED)
+        else:
+            request.setResponseCode(http.OK)
+            request.setHeader(b"X-Stream-Offset", b"%d" % resumed_at)
         if stream.replaced:
             request.setHeader(b"X-Stream-Replaced", b"true")
         request.write(b"")  # the headers leave now; the body of the response stays empty
@@ -683,8 +710,15 @@ class Ingest:
         self._channel.abort()
 
     def _cut(self, outcome: str) -> None:
-        """The store ended the stream under us (replaced, deleted, shutting down, failed)."""
+        """The store ended the stream under us (replaced, deleted, shutting down, failed),
+        or another producer took it over (the stream goes on without us)."""
         if self._failed:
+            return
+        if outcome == TAKEN_OVER:
+            self._failed = True
+            log.info("stream {stream_id} taken over: disconnecting its previous producer",
+                     stream_id=self._stream.id)
+            self._channel.abort()
             return
         log.info(
             "stream {stream_id} {outcome}: disconnecting its producer",

@@ -1,4 +1,4 @@
-"""The resource tree: ``/stream``, ``/stream/:id`` and ``/spy``.
+"""The resource tree: /stream, /stream/:id, /streams, /spy, /health, /metrics.
 
 Every error is JSON ``{"error": "..."}``. Handlers are plain or ``async``
 methods; ``render_async`` is the one place a coroutine meets a request.
@@ -6,8 +6,11 @@ methods; ``render_async`` is the one place a coroutine meets a request.
 
 from __future__ import annotations
 
+import collections
+import re
 from typing import Awaitable, Callable
 
+from prometheus_client.exposition import choose_encoder
 from twisted.internet.defer import Deferred
 from twisted.web import http
 from twisted.web.resource import Resource
@@ -20,14 +23,19 @@ from loom.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RangeNotSatisfiable,
+    Unavailable,
 )
 from loom.follow import Follower
 from loom.ids import validate_id
 from loom.metadata import parse_metadata
 from loom.spy import Spy
-from loom.web.auth import BearerAuth
+from loom.web.auth import BearerAuth, require
 from loom.web.ingest import Ingest
+from loom.web.listing import page
+from loom.web.metrics import metrics_registry
 from loom.web.responses import answer_failure, write_error, write_json
+from loom.web.site import SiteCounters
 
 SERVER_HEADER = f"Loom/{__version__}".encode("ascii")
 
@@ -89,6 +97,16 @@ class ErrorResource(JsonResource):
 # --- the tree -------------------------------------------------------------------
 
 
+class AppLeaf(JsonResource):
+    """A leaf of the tree that answers from the app's store and settings."""
+
+    isLeaf = True
+
+    def __init__(self, app: LoomApp):
+        super().__init__()
+        self._app = app
+
+
 class RequestSink:
     """Adapts a request to what a Follower writes to."""
 
@@ -118,8 +136,46 @@ class RequestSink:
             channel.abort()
 
 
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)\Z")
+
+
+def byte_range(header: bytes | None, size: int) -> tuple[int, int] | None:
+    """The [start, end) a Range header asks for, None to ignore it; RangeNotSatisfiable.
+
+    One range is honoured (``N-M``, ``N-``, ``-K``); several ranges or a
+    syntax Loom does not know are ignored, which RFC 9110 allows.
+    """
+    if header is None:
+        return None
+    match = _RANGE.match(header.decode("latin-1").strip())
+    if not match or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.groups()
+    if first == "":  # the last K bytes
+        count = int(last)
+        if count == 0:
+            raise RangeNotSatisfiable(size)
+        return max(0, size - count), size
+    start = int(first)
+    end = min(size, int(last) + 1) if last else size
+    if last and int(last) < start:
+        return None  # invalid: ignore
+    if start >= size:
+        raise RangeNotSatisfiable(size)
+    return start, end
+
+
+def query_offset(request) -> int | None:
+    values = request.args.get(b"offset")
+    if not values:
+        return None
+    if not values[-1].isdigit():
+        raise BadRequest("offset takes a number of bytes (0 or more).")
+    return int(values[-1])
+
+
 class StreamResource(JsonResource):
-    """``/stream/:id``: read a stream (GET) or produce it (POST)."""
+    """``/stream/:id``: read (GET, HEAD), produce (POST) or delete (DELETE) a stream."""
 
     isLeaf = True
 
@@ -136,75 +192,134 @@ class StreamResource(JsonResource):
             return NOT_DONE_YET
         return super().render(request)
 
+    def _stream_id(self, method: str) -> str:
+        if self._raw_id is None:
+            raise MethodNotAllowed(method, ["POST"])
+        return validate_id(self._raw_id)
+
+    # producing
+
     def render_POST(self, request):
+        require(request, "write")
         stream_id = None if self._raw_id is None else validate_id(self._raw_id)
         force = query_flag(request, b"force")
+        if query_flag(request, b"append"):
+            return self._append(request, stream_id, force)
         metadata = request.requestHeaders.getRawHeaders(b"x-stream-metadata") or [None]
         if len(metadata) > 1:
             raise BadRequest("Send one X-Stream-Metadata header, not several.")
         _, metadata_json = parse_metadata(metadata[0], self._app.max_metadata_bytes)
+        self._check_declared_length(request)
+        ingest = Ingest(request, self._app.store, self._app.producer_idle_timeout)
+        return render_async(request, lambda: ingest.run(stream_id, metadata_json, force))
+
+    def _append(self, request, stream_id: str | None, force: bool):
+        if stream_id is None:
+            raise BadRequest("append=true needs the stream's id: POST /stream/<id>?append=true.")
+        if force:
+            raise BadRequest("append and force cannot be combined.")
+        offset = request.getHeader(b"x-stream-offset")
+        if offset is None or not offset.strip().isdigit():
+            raise BadRequest(
+                "append=true needs X-Stream-Offset: the number of bytes the server holds."
+            )
+        self._check_declared_length(request)
+        ingest = Ingest(request, self._app.store, self._app.producer_idle_timeout)
+        return render_async(request, lambda: ingest.resume(stream_id, int(offset)))
+
+    def _check_declared_length(self, request) -> None:
         limit = self._app.store.max_stream_bytes
         declared = request.getHeader(b"content-length")
         if limit is not None and declared is not None and int(declared) > limit:
             raise PayloadTooLarge(
                 f"The body is {int(declared)} bytes; streams are limited to {limit} bytes."
             )
-        ingest = Ingest(request, self._app.store, self._app.producer_idle_timeout)
-        return render_async(request, lambda: ingest.run(stream_id, metadata_json, force))
+
+    # reading
 
     def render_GET(self, request):
-        if self._raw_id is None:
-            raise MethodNotAllowed("GET", ["POST"])
-        stream_id = validate_id(self._raw_id)
+        return self._read(request, "GET")
+
+    def render_HEAD(self, request):
+        return self._read(request, "HEAD")
+
+    def _read(self, request, method: str):
+        require(request, "read")
+        stream_id = self._stream_id(method)
         notail = query_flag(request, b"notail")
+        offset = query_offset(request)
         handle = self._app.store.open(stream_id)
+        try:
+            start, end, status = self._plan(request, handle, notail, offset)
+        except LoomError:
+            handle.close()
+            raise
         request.stream_id = stream_id
-        finite = handle.live is None or notail
-        end = handle.size if finite else None
+        request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/octet-stream")
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Accept-Ranges", b"bytes")
         request.setHeader(b"X-Stream-Id", stream_id.encode("ascii"))
         request.setHeader(b"X-Stream-Metadata", handle.metadata_json.encode("ascii"))
         request.setHeader(b"X-Stream-State", handle.state.encode("ascii"))
+        request.setHeader(b"X-Stream-Size", b"%d" % handle.size)
         if handle.record.reason and handle.live is None:
             request.setHeader(b"X-Stream-Reason", handle.record.reason.encode("ascii", "replace"))
-        if finite:
-            request.setHeader(b"Content-Length", b"%d" % end)
+        if end is not None:
+            request.setHeader(b"Content-Length", b"%d" % (end - start))
         else:
             request.setHeader(b"Cache-Control", b"no-cache")
             request.setHeader(b"X-Accel-Buffering", b"no")  # tell proxies not to buffer
+        if method == "HEAD":
+            handle.close()
+            request.write(b"")
+            request.finish()
+            return NOT_DONE_YET
         request.channel.limit_send_buffer(self._app.reader_send_buffer)
-        follower = Follower(handle, RequestSink(request), self._app.clock, end=end,
-                            stall_timeout=self._app.stalled_reader_timeout)
-        request.notifyFinish().addBoth(lambda _: follower.stop())
+        follower = Follower(handle, RequestSink(request), self._app.clock, offset=start,
+                            end=end, stall_timeout=self._app.stalled_reader_timeout,
+                            resumes=self._app.store)
+        self._app.followers += 1
+
+        def done(_):
+            self._app.followers -= 1
+            follower.stop()
+
+        request.notifyFinish().addBoth(done)
         request.write(b"")  # headers now, even if no byte of the stream exists yet
         follower.start()
         return NOT_DONE_YET
 
+    def _plan(self, request, handle, notail: bool, offset: int | None):
+        """(start, end or None to follow live, status) for a read."""
+        size = handle.size
+        following = handle.live is not None and not notail
+        wanted = None if following else byte_range(request.getHeader(b"range"), size)
+        if wanted is not None:
+            if offset is not None:
+                raise BadRequest("Use either ?offset or a Range header, not both.")
+            start, end = wanted
+            request.setHeader(b"Content-Range", b"bytes %d-%d/%d" % (start, end - 1, size))
+            return start, end, http.PARTIAL_CONTENT
+        start = offset or 0
+        if following:
+            return start, None, http.OK
+        if start > size:
+            raise RangeNotSatisfiable(size)
+        return start, size, http.OK
 
-class SpyResource(JsonResource):
-    """``/spy``: every live stream, line by line; ``?color`` paints each stream."""
+    # deleting
 
-    isLeaf = True
+    def render_DELETE(self, request):
+        require(request, "admin")
+        stream_id = self._stream_id("DELETE")
 
-    def __init__(self, app: LoomApp):
-        super().__init__()
-        self._app = app
+        async def delete():
+            await self._app.store.delete(stream_id)
+            request.setResponseCode(http.NO_CONTENT)
+            request.finish()
 
-    def render_GET(self, request):
-        if request.postpath:
-            raise NotFound("There is no such route.")
-        color = query_flag(request, b"color")
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-cache")
-        request.setHeader(b"X-Accel-Buffering", b"no")
-        request.channel.limit_send_buffer(self._app.reader_send_buffer)
-        spy = Spy(self._app.store, RequestSink(request), self._app.clock, color=color,
-                  stall_timeout=self._app.stalled_reader_timeout)
-        request.notifyFinish().addBoth(lambda _: spy.stop())
-        request.write(b"")  # headers at once, even with no stream to show yet
-        spy.start()
-        return NOT_DONE_YET
+        return render_async(request, delete)
 
 
 class StreamCollection(JsonResource):
@@ -223,8 +338,74 @@ class StreamCollection(JsonResource):
         return StreamResource(self._app, None).render(request)
 
 
+class StreamListing(AppLeaf):
+    """``/streams``: streams by state, time and metadata, newest first, paged by cursor."""
+
+    def render_GET(self, request):
+        require(request, "read")
+        if request.postpath and request.postpath != [b""]:
+            raise NotFound("There is no such route.")
+        write_json(request, http.OK, page(self._app.store, request.args))
+        return NOT_DONE_YET
+
+
+class SpyResource(AppLeaf):
+    """``/spy``: every live stream, line by line; ``?color`` paints each stream."""
+
+    def render_GET(self, request):
+        require(request, "spy")
+        if request.postpath:
+            raise NotFound("There is no such route.")
+        color = query_flag(request, b"color")
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        request.channel.limit_send_buffer(self._app.reader_send_buffer)
+        spy = Spy(self._app.store, RequestSink(request), self._app.clock, color=color,
+                  stall_timeout=self._app.stalled_reader_timeout)
+        self._app.spies += 1
+
+        def done(_):
+            self._app.spies -= 1
+            spy.stop()
+
+        request.notifyFinish().addBoth(done)
+        request.write(b"")  # headers at once, even with no stream to show yet
+        spy.start()
+        return NOT_DONE_YET
+
+
+class HealthResource(AppLeaf):
+    """``/health``: 200 when the catalog and the data directory are usable, else 503."""
+
+    def render_GET(self, request):
+        try:
+            self._app.store.check_health()
+        except Unavailable as e:
+            write_json(request, http.SERVICE_UNAVAILABLE, {"status": "unavailable",
+                                                           "error": e.message})
+        else:
+            write_json(request, http.OK, {"status": "ok"})
+        return NOT_DONE_YET
+
+
+class MetricsResource(AppLeaf):
+    """``/metrics``: Prometheus text format."""
+
+    def render_GET(self, request):
+        require(request, "read")
+        # The scraper's Accept header picks the text format version (0.0.4 for
+        # Prometheus 2, newer ones where asked).
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        encode, content_type = choose_encoder(accept)
+        body = encode(self._app.registry)
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
+
+
 class LoomApp:
-    """What the resources need: the store, the auth check, the limits, the clock."""
+    """What the resources need: the store, the auth check, the limits, the clock, counters."""
 
     def __init__(
         self,
@@ -243,20 +424,35 @@ class LoomApp:
         self.producer_idle_timeout = producer_idle_timeout
         self.stalled_reader_timeout = stalled_reader_timeout
         self.reader_send_buffer = reader_send_buffer
+        self.followers = 0
+        self.spies = 0
+        self.errors: collections.Counter = collections.Counter()
+        self.site_counters = SiteCounters()  # shared with the LoomSite
+        self.registry, fsync = metrics_registry(self)
+        store.on_sync = fsync.observe
 
 
 class Root(JsonResource):
-    """``/``: checks the bearer token for every route, then dispatches."""
+    """``/``: checks the bearer token for every route but /health, then dispatches."""
 
     def __init__(self, app: LoomApp):
         super().__init__()
         self._app = app
-        self._routes = {b"stream": StreamCollection(app), b"spy": SpyResource(app)}
+        self._routes = {
+            b"stream": StreamCollection(app),
+            b"streams": StreamListing(app),
+            b"spy": SpyResource(app),
+            b"metrics": MetricsResource(app),
+        }
+        self._health = HealthResource(app)
 
     def getChildWithDefault(self, name, request):
+        if name == b"health" and not request.postpath:
+            return self._health  # for load balancers and probes: no token needed
         try:
-            self._app.auth.check(request)
+            request.scopes = self._app.auth.check(request)
         except LoomError as e:
+            self._app.errors["auth"] += 1
             return ErrorResource(e)
         if name == b"" and not request.postpath:
             return self

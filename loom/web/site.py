@@ -27,6 +27,12 @@ def redact_uri(uri: bytes) -> str:
     return (path + question + query).decode("ascii", "backslashreplace")
 
 
+class SiteCounters:
+    """Counters the HTTP layer bumps on its hot paths, read by /metrics."""
+
+    bytes_out = 0
+
+
 class _TooManyConnections(Protocol):
     """Says 503 and closes, without reading a byte: the server is full."""
 
@@ -58,8 +64,10 @@ class LoomSite(server.Site):
         header_timeout: float = 30.0,
         max_connections: int = 10000,
         max_head_bytes: int = 16384,
+        counters: SiteCounters | None = None,
     ):
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
+        self.counters = counters or SiteCounters()
         self.header_timeout = header_timeout
         self.max_connections = max_connections
         self.max_head_bytes = max_head_bytes

@@ -22,6 +22,12 @@ REQUESTS = [
     b"GET /%73tream/s1 HTTP/1.1\r\nHost: x\r\n%s\r\n",
     b"GET /spy HTTP/1.1\r\nHost: x\r\n%s\r\n",
     b"GET /spy?color HTTP/1.1\r\nHost: x\r\n%s\r\n",
+    b"GET /streams HTTP/1.1\r\nHost: x\r\n%s\r\n",
+    b"GET /streams?meta.x=1 HTTP/1.1\r\nHost: x\r\n%s\r\n",
+    b"GET /metrics HTTP/1.1\r\nHost: x\r\n%s\r\n",
+    b"POST /stream/s1?append=true HTTP/1.1\r\nHost: x\r\nX-Stream-Offset: 11\r\n"
+    b"Content-Length: 1\r\n%s\r\nx",
+    b"GET /health/x HTTP/1.1\r\nHost: x\r\n%s\r\n",
 ]
 
 

@@ -1,0 +1,115 @@
+"""GET /streams: find streams by state, time and metadata, newest first, a page at a time."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from datetime import UTC, datetime
+
+from loom.catalog import STATES, StreamRecord
+from loom.errors import BadRequest
+
+DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+
+
+def iso(ms: int | None) -> str | None:
+    """Milliseconds since the epoch as ISO 8601 UTC (``2026-11-26T19:00:30.123Z``)."""
+    if ms is None:
+        return None
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def parse_time(name: str, text: str) -> int:
+    """An ISO 8601 time (a zone is required, or Z) or seconds since the epoch, as ms."""
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return int(float(text) * 1000)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise BadRequest(
+            f"{name} takes a time like 2026-11-26T19:00:00Z or seconds since the epoch."
+        )
+    return int(moment.timestamp() * 1000)
+
+
+def encode_cursor(record: StreamRecord) -> str:
+    raw = json.dumps([record.created_ms, record.id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_cursor(text: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        created_ms, stream_id = json.loads(raw)
+        if isinstance(created_ms, int) and isinstance(stream_id, str):
+            return created_ms, stream_id
+    except (ValueError, TypeError, UnicodeDecodeError):
+        pass
+    raise BadRequest("The cursor is not one Loom gave out.")
+
+
+def filters_from(args: dict[bytes, list[bytes]]) -> dict:
+    """The listing filters of a query string; BadRequest names anything wrong."""
+    filters: dict = {"meta": []}
+    for raw_name, values in args.items():
+        try:
+            name = raw_name.decode("utf-8")
+            value = values[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("Query parameters must be UTF-8.") from None
+        if name == "state":
+            if value not in STATES:
+                raise BadRequest(f"state is one of {', '.join(STATES)}.")
+            filters["state"] = value
+        elif name == "since":
+            filters["since_ms"] = parse_time("since", value)
+        elif name == "until":
+            filters["until_ms"] = parse_time("until", value)
+        elif name == "limit":
+            if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+                raise BadRequest(f"limit is a whole number from 1 to {MAX_LIMIT}.")
+            filters["limit"] = int(value)
+        elif name == "cursor":
+            filters["before"] = decode_cursor(value)
+        elif name.startswith("meta.") and len(name) > 5:
+            for item in values:
+                filters["meta"].append((name[5:], item.decode("utf-8", "replace")))
+        else:
+            raise BadRequest(
+                f"Unknown parameter {name}: use state, since, until, meta.<key>, limit, cursor."
+            )
+    filters["meta"] = tuple(filters["meta"])
+    filters.setdefault("limit", DEFAULT_LIMIT)
+    return filters
+
+
+def describe(record: StreamRecord) -> dict:
+    """A stream as the listing shows it."""
+    item = {
+        "id": record.id,
+        "state": record.state,
+        "size": record.size,
+        "created": iso(record.created_ms),
+        "finished": iso(record.finished_ms),
+        "metadata": json.loads(record.metadata),
+    }
+    if record.reason:
+        item["reason"] = record.reason
+    return item
+
+
+def page(store, args) -> dict:
+    """One page of the listing: ``{"streams": [...], "next": cursor or null}``."""
+    filters = filters_from(args)
+    limit = filters["limit"]
+    # One more than asked tells whether there is a next page.
+    records = store.list_streams(**{**filters, "limit": limit + 1})
+    shown = records[:limit]
+    return {
+        "streams": [describe(record) for record in shown],
+        "next": encode_cursor(shown[-1]) if len(records) > limit else None,
+    }
