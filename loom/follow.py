@@ -221,7 +221,10 @@ class Follower:
             elif self._live.outcome == ABORTED and self._may_wait_for_resume():
                 self._wait_for_resume()
             elif self._live.outcome is not None:
-                self._finish(clean=self._live.outcome == COMPLETE)
+                # A follower that asked for an offset the stream never reached did not get
+                # what it asked for: no clean end.
+                clean = self._live.outcome == COMPLETE and self._offset == limit
+                self._finish(clean=clean)
             return
 
     # waiting for an aborted stream to resume

@@ -112,6 +112,28 @@ def test_live_stream_history_then_live_then_clean_end(store):
     assert stream.listener_count == 0
 
 
+def test_offset_the_stream_never_reaches_is_not_a_clean_end(store):
+    """A live follower from byte N of a stream that completes shorter than N is cut."""
+    stream = result(store.create("s", "{}"))
+    stream.append(b"abc")
+    sink = Sink()
+    Follower(store.open("s"), sink, Clock(), offset=5).start()
+    stream.append(b"d")
+    result(stream.complete())
+    assert sink.data == b"" and sink.cut_off and not sink.ended
+
+
+def test_offset_at_the_final_size_is_a_clean_end(store):
+    """A live follower from byte N of a stream that completes at exactly N ends cleanly."""
+    stream = result(store.create("s", "{}"))
+    stream.append(b"abc")
+    sink = Sink()
+    Follower(store.open("s"), sink, Clock(), offset=5).start()
+    stream.append(b"de")
+    result(stream.complete())
+    assert sink.data == b"" and sink.ended and not sink.cut_off
+
+
 def test_caught_up_follower_takes_chunks_from_memory(store, monkeypatch):
     """A caught-up follower is handed fresh chunks without reading the file."""
     stream = result(store.create("s", "{}"))

@@ -21,19 +21,27 @@ def iso(ms: int | None) -> str | None:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
+# Times beyond this (in ms since the epoch) fit no SQLite integer: year 9999 is far enough.
+MAX_MS = 253402300800000
+
+
 def parse_time(name: str, text: str) -> int:
     """An ISO 8601 time (a zone is required, or Z) or seconds since the epoch, as ms."""
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return int(float(text) * 1000)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:
+    ms = None
+    if re.fullmatch(r"\d{1,15}(\.\d+)?", text):
+        ms = int(float(text) * 1000)
+    else:
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            moment = None
+        if moment is not None and moment.tzinfo is not None:
+            ms = int(moment.timestamp() * 1000)
+    if ms is None or not 0 <= ms <= MAX_MS:
         raise BadRequest(
             f"{name} takes a time like 2026-11-26T19:00:00Z or seconds since the epoch."
         )
-    return int(moment.timestamp() * 1000)
+    return ms
 
 
 def encode_cursor(record: StreamRecord) -> str:
@@ -45,7 +53,7 @@ def decode_cursor(text: str) -> tuple[int, str]:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         created_ms, stream_id = json.loads(raw)
-        if isinstance(created_ms, int) and isinstance(stream_id, str):
+        if type(created_ms) is int and 0 <= created_ms <= MAX_MS and isinstance(stream_id, str):
             return created_ms, stream_id
     except (ValueError, TypeError, UnicodeDecodeError):
         pass

@@ -153,7 +153,7 @@ def byte_range(header: bytes | None, size: int) -> tuple[int, int] | None:
     first, last = match.groups()
     if first == "":  # the last K bytes
         count = int(last)
-        if count == 0:
+        if count == 0 or size == 0:  # nothing to give the last bytes of
             raise RangeNotSatisfiable(size)
         return max(0, size - count), size
     start = int(first)
