@@ -301,15 +301,25 @@ async def _stream(reactor, args, metadata, interrupted: list[bool]) -> int:
         except LoomClientError as e:
             sys.stderr.write(f"{e}\n")
             return EXIT_FAILED
-        if not args.resume or stream_id is None or attempts >= args.retries:
+        if not args.resume or attempts >= args.retries:
             sys.stderr.write(f"{failure}\n")
             return EXIT_CANNOT_CONNECT if isinstance(failure, CannotConnect) else EXIT_ABORTED
         attempts += 1
         if size is None:
             if not args.quiet:
-                _say("loom-stream", f"{failure}; resuming in {backoff:g}s")
+                again = "resuming" if announced else "retrying"
+                _say("loom-stream", f"{failure}; {again} in {backoff:g}s")
             await deferLater(reactor, backoff, lambda: None)
             backoff = min(backoff * 2, MAX_BACKOFF)
+        if not announced:
+            # The stream was never created (the server was down or restarting): create it
+            # now, from the first byte. Should the lost attempt have created it after all,
+            # the server says it exists, and the tool stops rather than guess.
+            if not body.restart_at(0):
+                sys.stderr.write("cannot retry: the start of the input is no longer kept\n")
+                return EXIT_ABORTED
+            continue
+        if size is None:
             try:
                 info = await client.head(stream_id)
             except (CannotConnect, ServerAborted):

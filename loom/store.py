@@ -866,7 +866,7 @@ class _StoreBase:
     async def _sweep(self) -> None:
         """Retention: delete finished streams older than ``retention``, a batch at a time."""
         cutoff = self._now_ms() - int(self.retention * 1000)
-        while True:
+        while not self._stopped:  # a sweep in progress yields to a stopping store
             try:
                 expired = await self._runners.catalog(self._thd_expire, cutoff, RETENTION_BATCH)
             except (OSError, CatalogError) as e:

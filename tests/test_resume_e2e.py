@@ -106,6 +106,34 @@ async def test_stream_resume_survives_a_server_crash_and_restart(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_stream_resume_waits_for_a_server_that_is_not_up_yet(tmp_path):
+    """loom-stream --resume started before the server: it retries, then creates the stream
+    from the first byte once the server is up."""
+    port = _free_port()
+    listen = f"tcp:{port}:interface=127.0.0.1"
+    url = f"http://127.0.0.1:{port}"
+    tool = spawn(STREAM + [url, "early-bird", "--resume"])
+    server = None
+    try:
+        tool.write(b"written before the server started\n")
+        await tool.protocol.wait_for_output("connection refused; retrying in")
+        server = await start_server_process(tmp_path / "data", "--listen", listen)
+        await tool.protocol.wait_for_output("stream early-bird: ", seconds=60)
+        tool.write(b"and after\n")
+        tool.close_stdin()
+        ended = await tool.wait(60)
+        assert ended.exit_code == 0, tool.text()
+        response = await treq.get(f"{url}/stream/early-bird")
+        assert await response.content() == b"written before the server started\nand after\n"
+        assert response.headers.getRawHeaders("x-stream-state") == ["complete"]
+    finally:
+        if tool.protocol.exit_code is None and tool.protocol.exit_signal is None:
+            tool.signal("KILL")
+        if server is not None:
+            await server.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_sighup_reloads_tokens_without_dropping_connections(tmp_path):
     """After SIGHUP the new tokens apply; a follower connected with an old one carries on."""
     config = tmp_path / "loom.yml"

@@ -554,6 +554,27 @@ def test_retention_deletes_old_finished_streams_in_batches(stores, monkeypatch):
     assert live.outcome is None
 
 
+def test_a_stopping_store_ends_the_retention_sweep_between_batches(stores, monkeypatch):
+    """A sweep does not start another batch once the store is stopping."""
+    import loom.store
+
+    monkeypatch.setattr(loom.store, "RETENTION_BATCH", 3)
+    store = stores.make()
+    for index in range(7):
+        result(result(store.create(f"old{index}", "{}")).complete())
+    stores.clock.advance(3600 * 24 * 2)
+    store.retention = 86400
+    expire = store._thd_expire
+
+    def one_batch_then_stop(*args):
+        store._stopped = True  # stop() began while this batch ran
+        return expire(*args)
+
+    store._thd_expire = one_batch_then_stop
+    result(store._sweep())
+    assert len(store.list_streams(limit=100)) == 4
+
+
 def test_listing_filters_and_pages_stably(stores):
     """Listing: filters by state, time and metadata; newest first; cursors unaffected by inserts."""
     store = stores.make()
