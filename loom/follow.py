@@ -79,7 +79,28 @@ class StallWatch:
 
 
 @implementer(IPushProducer)
-class Follower:
+class StallingPushProducer:
+    """IPushProducer for a reader that sends with ``_pump``, ends with ``stop`` and is
+    watched by ``_stall`` (a StallWatch): pausing starts the watch, resuming stops it and
+    sends what waits."""
+
+    _paused = False
+    _stall: StallWatch
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._stall.paused()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._stall.resumed()
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self.stop()
+
+
+class Follower(StallingPushProducer):
     """Send ``handle`` from ``offset`` to ``sink``; stop at ``end`` if given, else follow live."""
 
     def __init__(
@@ -132,20 +153,6 @@ class Follower:
         if not self._done:
             self._done = True
             self._release()
-
-    # IPushProducer
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-        self._stall.paused()
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._stall.resumed()
-        self._pump()
-
-    def stopProducing(self) -> None:
-        self.stop()
 
     def _stalled(self) -> None:
         log.info("a reader of stream {stream_id} accepted nothing for too long: "

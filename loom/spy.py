@@ -23,10 +23,7 @@ from __future__ import annotations
 import re
 import zlib
 
-from twisted.internet.interfaces import IPushProducer
-from zope.interface import implementer
-
-from loom.follow import FollowerSink, StallWatch
+from loom.follow import FollowerSink, StallingPushProducer, StallWatch
 from loom.store import LiveStream, StreamHandle
 
 # Foreground colours readable on dark and light backgrounds alike, and known
@@ -166,8 +163,7 @@ class _Cursor:
         self.ended = False
 
 
-@implementer(IPushProducer)
-class Spy:
+class Spy(StallingPushProducer):
     """Multiplexes every live stream into one line-oriented response."""
 
     def __init__(
@@ -218,20 +214,6 @@ class Spy:
         self._queued.clear()
         self._cancel_flush()
         self._stall.cancel()
-
-    # IPushProducer
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-        self._stall.paused()
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._stall.resumed()
-        self._pump()
-
-    def stopProducing(self) -> None:
-        self.stop()
 
     def _stalled(self) -> None:
         self.stop()
