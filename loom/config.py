@@ -182,8 +182,9 @@ def _tokens(value: Any, where: str) -> tuple[Token, ...]:
         if isinstance(entry, dict):
             unknown = set(entry) - {"token", "scopes"}
             if unknown:
-                raise _fail(where, f"token #{index + 1} has unknown keys: "
-                                   f"{', '.join(sorted(map(str, unknown)))}")
+                # Not named: a token written as a key ({secret: [write]}) must not be echoed.
+                raise _fail(where, f"token #{index + 1} has {len(unknown)} unknown key(s); "
+                                   "only token and scopes are allowed")
             scopes = entry.get("scopes")
             if not isinstance(scopes, list) or not scopes or not all(
                 scope in SCOPES for scope in scopes
@@ -278,6 +279,23 @@ _BY_KEY = {setting.key: setting for setting in SETTINGS}
 CLIENT_VARIABLES = frozenset({"LOOM_TOKEN", "LOOM_CONFIG", "LOOM_SERVER", "LOOM_CRASH_AT"})
 
 
+_QUOTED = re.compile(r"'([^']*)'")
+
+
+def _redact(problem: str) -> str:
+    """A YAML problem without the words it quotes from the file (``found undefined alias
+    'x'``, ``the tag '!x'``): they may be part of a token. Single characters, the parser's
+    own names (``'<stream end>'``) and standard tags stay."""
+
+    def keep_or_hide(match: re.Match) -> str:
+        quoted = match.group(1)
+        if len(quoted) <= 2 or quoted.startswith(("<", "tag:yaml.org,2002:")):
+            return match.group(0)
+        return "'…'"
+
+    return _QUOTED.sub(keep_or_hide, problem)
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     """Parse one YAML file into a mapping of known keys (safe loader only)."""
     try:
@@ -290,7 +308,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = _redact(getattr(e, "problem", None) or str(e).splitlines()[0])
         raise ConfigError(f"config file {path}: invalid YAML{at}: {problem}")
     if document is None:
         return {}

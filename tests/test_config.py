@@ -167,7 +167,7 @@ def test_scoped_tokens_and_bare_tokens_side_by_side(tmp_path):
     [
         ("tokens: [{token: a, scopes: [fly]}]", "scopes must be a list drawn from"),
         ("tokens: [{token: a, scopes: []}]", "scopes must be a list drawn from"),
-        ("tokens: [{token: a, scope: [read]}]", "unknown keys: scope"),
+        ("tokens: [{token: a, scope: [read]}]", "only token and scopes are allowed"),
         ("tokens: [{scopes: [read]}]", "token #1 must be"),
         ("tokens: [a, a]", "the same token is listed twice"),
         ("retention: forever", "retention: expected a duration"),
@@ -179,6 +179,29 @@ def test_bad_tokens_and_new_settings_are_refused(tmp_path, text, message):
     path = write(tmp_path, "bad.yml", text + "\n")
     with pytest.raises(ConfigError, match=message):
         load_config([path])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "tokens: [{sekrit-one: [write]}]",  # the token written as a key
+        "tokens: [sekrit-one, 'sekrit two']",
+        "tokens: [sekrit-one, sekrit-one]",
+        "tokens: [{token: sekrit-one, scopes: [fly]}]",
+        "tokens: [ok, *sekrit-one]",  # an unquoted token starting with * is an alias
+        "tokens: [ok, !sekrit-one x]",  # ... and one starting with ! a tag
+        "tokens: [ok, &sekrit-one]",
+        "tokens:\n  - sekrit-one\n  - [sekrit-two",
+        "tokens: [\"sekrit-\\q\"]",
+    ],
+)
+def test_config_errors_never_repeat_a_token(tmp_path, text):
+    """Config errors reach the log (start-up, SIGHUP): none may carry a token's text."""
+    path = write(tmp_path, "bad.yml", text + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config([path])
+    assert "sekrit" not in str(caught.value)
+    assert path in str(caught.value)
 
 
 def test_retention_and_resume_window(tmp_path):
