@@ -54,6 +54,18 @@ class ControlledBody:
         pass
 
 
+async def open_push(client: LoomClient, stream_id: str, first: bytes):
+    """A push the server has accepted (201) and whose body has sent ``first`` and stays
+    open: (the body, the Deferred of the push)."""
+    source = ControlledBody()
+    created = Deferred()
+    pushing = Deferred.fromCoroutine(client.push(source, stream_id, on_created=created.callback))
+    await guard(created)
+    await guard(source.started)
+    source.write(first)
+    return source, pushing
+
+
 def body(data: bytes):
     from io import BytesIO
 
@@ -139,12 +151,7 @@ async def test_follow_raises_when_the_producer_vanishes(server):
 async def test_push_raises_when_the_server_cuts_the_stream(server):
     """A push whose stream is replaced by someone else raises ServerAborted."""
     client = LoomClient(server.url)
-    source = ControlledBody()
-    created = Deferred()
-    pushed = Deferred.fromCoroutine(client.push(source, "cut", on_created=created.callback))
-    await guard(created)
-    await guard(source.started)
-    source.write(b"doomed")
+    _, pushed = await open_push(client, "cut", b"doomed")
     await client.push(body(b"winner"), "cut", force=True)
     with pytest.raises(ServerAborted, match="server aborted the stream"):
         await guard(pushed)

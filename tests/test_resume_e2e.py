@@ -19,7 +19,7 @@ from tests.helpers import (
     start_server,
     start_server_process,
 )
-from tests.test_client import ControlledBody, body
+from tests.test_client import body, open_push
 
 STREAM = [sys.executable, str(REPO / "bin" / "stream")]
 
@@ -204,12 +204,7 @@ async def test_client_head_list_and_delete(server):
 async def test_a_live_stream_can_be_taken_over_by_a_resuming_producer(server):
     """An append at the exact size takes over a stream whose old producer the server still sees."""
     client = LoomClient(server.url)
-    old = ControlledBody()
-    created = Deferred()
-    pushing = Deferred.fromCoroutine(client.push(old, "zombie", on_created=created.callback))
-    await guard(created)
-    await guard(old.started)
-    old.write(b"12345")
+    _, pushing = await open_push(client, "zombie", b"12345")
     # Once a follower from byte 4 sees the fifth byte, all five are stored.
     reader = await raw_connect(server.port)
     reader.send(b"GET /stream/zombie?offset=4 HTTP/1.0\r\n\r\n")
