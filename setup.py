@@ -30,6 +30,8 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",  # the stateful model test of the store
+            # a strict HTTP/1.1 parser: the hostile-input corpus's reference for what is valid
+            "h11>=0.14",
             # builds the wheel in the non-editable install test, without network
             "wheel",
         ],

@@ -20,6 +20,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from loom.client import (
+    Busy,
     CannotConnect,
     Created,
     LoomClient,
@@ -289,6 +290,7 @@ async def _stream(reactor, args, metadata, interrupted: list[bool]) -> int:
         return EXIT_USAGE
     append_at, attempts, backoff = None, 0, 0.5
     while True:
+        wait = backoff
         try:
             await client.push(body, stream_id, metadata, args.force, created,
                               append_at=append_at)
@@ -298,6 +300,10 @@ async def _stream(reactor, args, metadata, interrupted: list[bool]) -> int:
             size = e.size
         except (CannotConnect, ServerAborted) as e:
             failure, size = e, None
+        except Busy as e:
+            # Another producer holds the stream for now, or its end is still being
+            # recorded: the server says when to ask again.
+            failure, size, wait = e, None, max(backoff, e.retry_after)
         except LoomClientError as e:
             sys.stderr.write(f"{e}\n")
             return EXIT_FAILED
@@ -308,8 +314,8 @@ async def _stream(reactor, args, metadata, interrupted: list[bool]) -> int:
         if size is None:
             if not args.quiet:
                 again = "resuming" if announced else "retrying"
-                _say("loom-stream", f"{failure}; {again} in {backoff:g}s")
-            await deferLater(reactor, backoff, lambda: None)
+                _say("loom-stream", f"{failure}; {again} in {wait:g}s")
+            await deferLater(reactor, wait, lambda: None)
             backoff = min(backoff * 2, MAX_BACKOFF)
         if not announced:
             # The stream was never created (the server was down or restarting): create it

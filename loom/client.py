@@ -71,6 +71,16 @@ class SizeMismatch(LoomClientError):
         self.size = size
 
 
+class Busy(LoomClientError):
+    """The server asked to try again later (a ``Retry-After`` answer): another producer
+    holds the stream for now, or the stream is still being ended."""
+
+    def __init__(self, status: int, error: str, retry_after: float):
+        super().__init__(f"server answered {status}: {error}")
+        self.status = status
+        self.retry_after = retry_after
+
+
 class RequestFailed(LoomClientError):
     """Any other error answer; ``status`` and the server's ``error`` sentence."""
 
@@ -96,6 +106,9 @@ def _error_for(status: int, body: bytes, stream_id: str | None,
         )
     if status == 409 and "already exists" in sentence:
         return StreamExists(f"stream {stream_id} already exists; use --force")
+    retry_after = (headers or {}).get("retry-after", "")
+    if retry_after.isdigit():
+        return Busy(status, sentence, float(retry_after))
     size = (headers or {}).get("x-stream-size")
     if status == 416 and size is not None and size.isdigit():
         return SizeMismatch(stream_id or "", int(size))
@@ -548,6 +561,7 @@ def _chunked_complete(buffer: bytearray) -> bool:
 
 
 __all__ = [
+    "Busy",
     "CannotConnect",
     "Created",
     "FollowResult",

@@ -142,13 +142,17 @@ def _connection_limit(value: Any, where: str) -> int:
     return _integer(value, where, 1, 10**6)
 
 
+# Metadata is sent back in one header line; 16 KiB is the line (Twisted) or
+# head (Node.js) limit of common clients, so what Loom accepts stays readable.
+MAX_METADATA_LIMIT = 15 * 1024
+
+
 def _metadata_limit(value: Any, where: str) -> int:
-    # Headers beyond 64 KiB are refused before the limit could matter.
-    return _size(value, where, 2, 60 * 1024)
+    return _size(value, where, 2, MAX_METADATA_LIMIT)
 
 
 _TOKEN = re.compile(r"[\x21-\x7e]{1,4096}\Z")
-SCOPES = ("read", "write", "spy", "admin")
+SCOPES = ("read", "write", "replace", "spy", "admin")
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Directory for the catalog and stream data (default ./data)."),
     Setting("tokens", "LOOM_TOKENS", _tokens,
             "Bearer tokens; when set, every request needs one. A bare token may do "
-            "everything; {token: T, scopes: [read, write, spy, admin]} limits it "
+            "everything; {token: T, scopes: [read, write, replace, spy, admin]} limits it "
             "(variable: comma-separated, full access).", env_is_list=True),
     Setting("retention", "LOOM_RETENTION", _optional_timeout,
             "Finished streams older than this are deleted, e.g. 30d; 0 = keep forever "
@@ -249,7 +253,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fsyncInterval", "LOOM_FSYNC_INTERVAL", _positive_duration,
             "How often live streams are synced with fsync: interval (default 1s)."),
     Setting("maxMetadataBytes", "LOOM_MAX_METADATA_BYTES", _metadata_limit,
-            "Largest X-Stream-Metadata accepted (default 8KiB; at most 60KiB)."),
+            "Largest X-Stream-Metadata accepted, as Loom sends it back with non-ASCII "
+            "characters escaped (default 8KiB; at most 15KiB)."),
     Setting("producerIdleTimeout", "LOOM_PRODUCER_IDLE_TIMEOUT", _optional_timeout,
             "A producer silent for this long is disconnected; 0 = never (default 1h)."),
     Setting("idleTimeout", "LOOM_IDLE_TIMEOUT", _positive_duration,
@@ -273,6 +278,11 @@ SETTINGS: tuple[Setting, ...] = (
 )  # fmt: skip
 
 _BY_KEY = {setting.key: setting for setting in SETTINGS}
+
+# Keys of the original service's configuration (its RethinkDB storage) that mean
+# nothing to Loom: accepted in files, so the original's files start Loom
+# unchanged, and named in one warning.
+ORIGINAL_ONLY = frozenset({"dbHost", "dbPort", "dbName", "storageMetaTable", "storageLogsTable"})
 
 # Variables that are not settings: the clients' own, and the crash tests'.
 # LOOM_CRASH_AT arms a crash point for the crash tests (see loom.faults).
@@ -315,7 +325,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise ConfigError(f"config file {path}: expected a mapping of keys to values")
     for key in document:
-        if key not in _BY_KEY:
+        if key not in _BY_KEY and key not in ORIGINAL_ONLY:
             raise ConfigError(
                 f"config file {path}: unknown key {key!r} "
                 f"(known keys: {', '.join(sorted(_BY_KEY))})"
@@ -365,8 +375,12 @@ def load_config(
 
     values: dict[str, Any] = {}
     level: dict[str, int] = {}
+    ignored: set[str] = set()
     for index, (source, layer) in enumerate(layers, start=1):
         for key, raw in layer.items():
+            if key in ORIGINAL_ONLY:
+                ignored.add(key)
+                continue
             setting = _BY_KEY[key]
             where = f"{source}: {setting.env if source == 'environment' else key}"
             values[key] = setting.parse(raw, where)
@@ -374,11 +388,12 @@ def load_config(
 
     warnings = [f"ignoring unknown environment variable {name}" for name in unknown_env]
     if values.get("storageCompress"):
-        warnings.append("storageCompress is accepted but has no effect yet")
+        ignored.add("storageCompress")
     if "storageTailTimeout" in values:
-        warnings.append(
-            "storageTailTimeout is ignored: Loom knows when a stream ends"
-        )
+        ignored.add("storageTailTimeout")  # Loom knows when a stream ends
+    if ignored:
+        warnings.append("these settings of the original service have no effect in Loom: "
+                        + ", ".join(sorted(ignored)))
 
     return LoadedConfig(
         Config(

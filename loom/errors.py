@@ -94,17 +94,44 @@ class StreamNotResumable(LoomError):
     status = 409
 
 
+class StreamGone(LoomError):
+    """The stream was ended (deleted, replaced, the server stopping) as it was being made."""
+
+    status = 409
+
+    def __init__(self, stream_id: str, outcome: str):
+        super().__init__(f"Stream {stream_id} was {outcome} before its producer could start.")
+        if outcome == "interrupted":
+            self.status = 503
+
+
+class StreamBusy(LoomError):
+    """Another producer holds the stream right now; ``Retry-After`` says when to ask again."""
+
+    status = 409
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message, {"Retry-After": str(retry_after)})
+
+
 class OffsetMismatch(LoomError):
     """X-Stream-Offset differs from the size of the stream."""
 
     status = 416
 
-    def __init__(self, stream_id: str, size: int):
-        super().__init__(
-            f"Stream {stream_id} holds {size} bytes: resend from there.",
-            {"X-Stream-Size": str(size)},
-        )
+    def __init__(self, stream_id: str, size: int | None):
+        if size is None:
+            super().__init__(f"Stream {stream_id} does not hold that many bytes; a token "
+                             "that may also read the stream is told how many it holds.")
+        else:
+            super().__init__(f"Stream {stream_id} holds {size} bytes: resend from there.",
+                             {"X-Stream-Size": str(size)})
+        self.stream_id = stream_id
         self.size = size
+
+    def without_size(self) -> OffsetMismatch:
+        """The same refusal for a client that may not read the stream: no size in it."""
+        return OffsetMismatch(self.stream_id, None)
 
 
 class RangeNotSatisfiable(LoomError):

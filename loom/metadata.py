@@ -42,7 +42,8 @@ def parse_metadata(raw: bytes | None, limit: int) -> tuple[dict, str]:
     """Return the metadata object and its canonical ASCII JSON text.
 
     Missing metadata is an empty object. The text escapes every non-ASCII
-    character, so it is always a valid header value.
+    character, so it is always a valid header value; ``limit`` bounds both
+    what arrives and that text.
     """
     if raw is None or not raw.strip():
         return {}, "{}"
@@ -72,5 +73,18 @@ def parse_metadata(raw: bytes | None, limit: int) -> tuple[dict, str]:
         raise InvalidMetadata(
             f"X-Stream-Metadata is nested deeper than {MAX_DEPTH} levels."
         )
+    try:
+        # JSON escapes can spell lone surrogates, which are no Unicode text.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMetadata("X-Stream-Metadata holds a lone surrogate (\\ud800-\\udfff): "
+                              "it is not Unicode text.") from None
     canonical = json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+    if len(canonical) > limit:
+        # The limit is on what Loom sends back, where every non-ASCII character
+        # is escaped (6 or 12 bytes): what is accepted can always be returned.
+        raise PayloadTooLarge(
+            f"X-Stream-Metadata is {len(canonical)} bytes once encoded as Loom sends it "
+            f"back (non-ASCII characters escaped); the limit is {limit} bytes."
+        )
     return value, canonical

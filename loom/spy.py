@@ -42,10 +42,18 @@ _ESCAPES = re.compile(
     rb"|\x1b[ -/]*[0-~]?"  # any other escape
 )
 _CONTROLS = bytes(c for c in range(32) if c != 9) + b"\x7f"
+# Characters that steer a terminal or reorder text once decoded: the C1 controls
+# (U+0080-U+009F, CSI among them), the bidirectional marks, embeddings, overrides
+# and isolates, and the line and paragraph separators.
+_STEERING = dict.fromkeys(
+    [*range(0x80, 0xA0), 0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F),
+     *range(0x2066, 0x206A), 0x2028, 0x2029]
+)
 
 
 def clean_line(line: bytes) -> str:
-    """A line as a terminal would finally show it, without escapes or control characters.
+    """A line as a terminal would finally show it, without escapes, control characters
+    (C0 and C1) or bidirectional overrides.
 
     A carriage return inside a line (a progress bar redrawing itself) keeps
     only what follows the last one.
@@ -54,7 +62,7 @@ def clean_line(line: bytes) -> str:
     if b"\r" in line:
         line = line.rsplit(b"\r", 1)[1]
     line = _ESCAPES.sub(b"", line).translate(None, _CONTROLS)
-    return line.decode("utf-8", "replace")
+    return line.decode("utf-8", "replace").translate(_STEERING)
 
 
 class LineFramer:

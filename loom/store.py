@@ -15,12 +15,14 @@ import base64
 import collections
 import errno
 import hashlib
+import math
 import os
 import secrets
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, fail, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,8 +33,10 @@ from zope.interface import Attribute, Interface, implementer
 from loom.buffers import after, before
 from loom.catalog import Catalog, CatalogError, StreamRecord
 from loom.errors import (
+    Forbidden,
     OffsetMismatch,
     StorageFailed,
+    StreamBusy,
     StreamCut,
     StreamExists,
     StreamNotFound,
@@ -236,8 +240,13 @@ class LiveStream:
         self.outcome: str | None = None
         self.closing = False
         self.replaced = False  # whether creating it replaced an older stream
+        # The producer writing it: told when the stream is cut under it, and
+        # bound by the store in the same step that grants it the stream.
         self.on_cut: Callable[[str], None] | None = None
+        self.owner: bytes | None = None  # the token (digest) its producer used
+        self.active_at = store._clock.seconds()  # when its producer was last heard from
         self._listeners: list[StreamListener] = []
+        self._end_waiters: list[Deferred] = []
         self._syncing = False
         self._sync_waiters: list[Deferred] = []
         # After a failed fsync the kernel may have dropped the dirty pages, and
@@ -275,6 +284,7 @@ class LiveStream:
                 # many iovecs, for the file and for every follower.
                 parts = [b"".join(parts)]
             start = self.size
+            self.active_at = self._store._clock.seconds()
             try:
                 self.file.write(parts)
             except PartialWrite as e:
@@ -408,6 +418,14 @@ class LiveStream:
         if self.on_cut is not None:
             self.on_cut(outcome)
 
+    def when_ended(self) -> Deferred:
+        """Fire (with None) once the stream has ended and left the registry."""
+        if self.outcome is not None:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._end_waiters.append(d)
+        return d
+
     def _end(self, outcome: str) -> None:
         self.outcome = outcome
         self._store._unregister(self)
@@ -415,6 +433,10 @@ class LiveStream:
         for listener in listeners:
             listener.stream_ended(self)
         self.file.release()
+        waiters, self._end_waiters = self._end_waiters, []
+        for waiter in waiters:
+            if not waiter.called:  # a waiter that timed out was cancelled
+                waiter.callback(None)
 
     # follower side
 
@@ -487,12 +509,20 @@ class IStreamStore(Interface):
     def stop():
         """Interrupt live streams, sync and close everything. Returns a Deferred."""
 
-    def create(stream_id, metadata_json, force):
+    def create(stream_id, metadata_json, force, on_cut, owner):
         """Create a live stream (id None: generate one). Deferred LiveStream.
 
         A taken id fails with StreamExists unless ``force``, which replaces the
         old stream: its data is deleted and its producer and followers cut.
+        ``on_cut(outcome)`` is bound to the stream as its producer in the same
+        step; ``owner`` is the token that producer used.
         """
+
+    def resume(stream_id, offset, on_cut, owner):
+        """Continue a stream at ``offset`` (its size) for a new producer. Deferred LiveStream."""
+
+    def discard(stream):
+        """Remove a stream that holds no byte yet, for a request that proved malformed."""
 
     def open(stream_id):
         """A StreamHandle to read the stream, or raise StreamNotFound."""
@@ -691,18 +721,26 @@ class _StoreBase:
     # creating
 
     async def create(
-        self, stream_id: str | None, metadata_json: str, force: bool = False
+        self, stream_id: str | None, metadata_json: str, force: bool = False,
+        on_cut: Callable[[str], None] | None = None, owner: bytes | None = None,
     ) -> LiveStream:
+        """Create a live stream for the producer that ``on_cut`` speaks for (see IStreamStore).
+
+        ``owner`` names the token the producer used: only it may take the
+        stream over while it is live.
+        """
         if stream_id is None:
             for _ in range(5):
                 try:
-                    return await self._create(self._new_id(), metadata_json, False)
+                    return await self._create(self._new_id(), metadata_json, False,
+                                              on_cut, owner)
                 except StreamExists:
                     continue
             raise StorageFailed("could not generate an unused stream id")
-        return await self._create(stream_id, metadata_json, force)
+        return await self._create(stream_id, metadata_json, force, on_cut, owner)
 
-    async def _create(self, stream_id: str, metadata_json: str, force: bool) -> LiveStream:
+    async def _create(self, stream_id: str, metadata_json: str, force: bool,
+                      on_cut, owner) -> LiveStream:
         async with self._locked(stream_id):
             if not force and (
                 stream_id in self._live
@@ -734,6 +772,7 @@ class _StoreBase:
             old = self._live.get(stream_id)
             stream = LiveStream(self, record, data)
             stream.replaced = replaced_storage is not None
+            stream.on_cut, stream.owner = on_cut, owner
             self._live[stream_id] = stream
             if old is not None:
                 old.cut(REPLACED)
@@ -801,22 +840,42 @@ class _StoreBase:
                 raise StreamNotFound(stream_id)
             log.info("stream {stream_id} deleted", stream_id=stream_id)
 
-    async def resume(self, stream_id: str, offset: int) -> LiveStream:
-        """Continue a stream at ``offset``, which must be its size.
+    async def resume(self, stream_id: str, offset: int,
+                     on_cut: Callable[[str], None] | None = None,
+                     owner: bytes | None = None) -> LiveStream:
+        """Continue a stream at ``offset``, which must be its size, for a new producer.
 
         An aborted or interrupted stream becomes live again, and followers
-        still waiting for it go on. A live stream whose producer the server
-        still sees is taken over: that producer is dropped, the stream and
-        its followers carry on. OffsetMismatch says the size to resend from.
+        still waiting for it go on. A stream still being ended (its producer
+        just dropped) is waited for a moment, then resumed. A live stream whose
+        producer the server still sees is taken over, if the new producer uses
+        the same token and the old one has been silent for TAKEOVER_QUIET
+        seconds: that producer is dropped, the stream and its followers carry
+        on. So two producers racing for one stream never both write it: the
+        second is refused (StreamBusy) until the first has gone quiet.
+        OffsetMismatch says the size to resend from.
         """
         async with self._locked(stream_id):
             live = self._live.get(stream_id)
+            if live is not None and live.closing:
+                await self._wait_for_end(live)
+                live = self._live.get(stream_id)
             if live is not None:
-                if live.closing or live.outcome is not None:
-                    raise StreamNotResumable(f"Stream {stream_id} is ending; try again.")
+                if owner != live.owner:
+                    raise Forbidden(f"Stream {stream_id} is being written with another "
+                                    "token; only that token may take it over.")
                 if offset != live.size:
                     raise OffsetMismatch(stream_id, live.size)
+                silent = self._clock.seconds() - live.active_at
+                if silent < TAKEOVER_QUIET:
+                    raise StreamBusy(
+                        f"Stream {stream_id} is being written by another producer (heard "
+                        f"from {silent:.1f} s ago); it can be taken over once that producer "
+                        f"has been silent for {TAKEOVER_QUIET:g} s.",
+                        retry_after=math.ceil(TAKEOVER_QUIET),
+                    )
                 live.take_over()
+                live.on_cut, live.active_at = on_cut, self._clock.seconds()
                 log.info("stream {stream_id} taken over at {size} bytes",
                          stream_id=stream_id, size=live.size)
                 return live
@@ -839,6 +898,7 @@ class _StoreBase:
             stream = LiveStream(self, replace(record, state="live", finished_ms=None,
                                               reason=None), data)
             stream.size = stream.synced = record.size
+            stream.on_cut, stream.owner = on_cut, owner
             self._live[stream_id] = stream
             log.info("stream {stream_id} resumed at {size} bytes",
                      stream_id=stream_id, size=record.size)
@@ -847,6 +907,36 @@ class _StoreBase:
             for follower in self._resume_waiters.pop(stream_id, []):
                 follower.stream_resumed(stream)
             return stream
+
+    async def _wait_for_end(self, stream: LiveStream) -> None:
+        """Wait (at most ENDING_WAIT seconds) for a stream that is ending to have ended."""
+        try:
+            await stream.when_ended().addTimeout(ENDING_WAIT, self._clock)
+        except DeferredTimeout:
+            raise StreamBusy(f"Stream {stream.id} is still being ended; try again.") from None
+
+    async def discard(self, stream: LiveStream) -> bool:
+        """Remove a stream its creator gave up on before a byte of it was stored.
+
+        For a request whose body proved malformed before it held any data:
+        nothing is left behind, so the same request can simply be retried.
+        False (and nothing done) if the stream holds data or is no longer the
+        one under its id.
+        """
+        async with self._locked(stream.id):
+            if self._live.get(stream.id) is not stream or stream.size:
+                return False
+            stream.cut(DELETED)
+            try:
+                await self._runners.catalog(self._thd_delete, [(stream.id, stream.record.storage)])
+            except (OSError, CatalogError) as e:
+                self.errors["catalog"] += 1
+                log.error("stream {stream_id}: removing it failed: {error}",
+                          stream_id=stream.id, error=_describe(e))
+                return False
+            log.info("stream {stream_id} discarded: its request was malformed before any "
+                     "data arrived", stream_id=stream.id)
+            return True
 
     def wait_for_resume(self, stream_id: str, follower) -> None:
         """Tell ``follower.stream_resumed(stream)`` if the stream resumes (until it stops waiting)."""
@@ -987,6 +1077,11 @@ class _StoreBase:
 
 
 RETENTION_EVERY = 60.0  # seconds between retention sweeps
+# How long a live stream's producer must have been silent before another
+# connection (with its token) may take the stream over.
+TAKEOVER_QUIET = 1.0
+# How long an append waits for a stream whose producer just dropped to be ended.
+ENDING_WAIT = 5.0
 RETENTION_BATCH = 500
 
 

@@ -141,6 +141,15 @@ def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return status, headers, body
 
 
+def cut_off(transport) -> bool:
+    """Whether the server ended its answer so that no client takes it for a clean end: the
+    connection reset, or its write side closed without the chunked body's last chunk."""
+    if transport.disconnected:
+        return True
+    closed = getattr(transport, "write_closed", False) or transport.disconnecting
+    return closed and not transport.value().endswith(b"\r\n0\r\n\r\n")
+
+
 def dechunk(body: bytes) -> tuple[bytes, bool]:
     """Decode a chunked body; also say whether the terminating chunk was seen."""
     out, rest = bytearray(), body

@@ -1,7 +1,10 @@
 import pytest
+import pytest_twisted
+import treq
 
 from loom.config import Config, load_config
 from loom.errors import ConfigError
+from tests.helpers import TWISTD, child_environment, spawn
 
 
 def write(tmp_path, name, text):
@@ -30,7 +33,8 @@ def test_original_service_keys_are_accepted(tmp_path):
     assert loaded.config.listen == ("tcp:4000:interface=0.0.0.0",)
     assert loaded.config.data_dir == "/tmp/loom-data"
     assert [t.secret for t in loaded.config.tokens] == ["token1", "token2"]
-    assert all(t.scopes == {"read", "write", "spy", "admin"} for t in loaded.config.tokens)
+    assert all(t.scopes == {"read", "write", "replace", "spy", "admin"}
+               for t in loaded.config.tokens)
     assert any("storageTailTimeout" in w for w in loaded.warnings)
 
 
@@ -130,13 +134,13 @@ def test_durations_and_sizes_take_units(tmp_path):
     """Durations and sizes accept human units."""
     path = write(tmp_path, "a.yml", (
         "producerIdleTimeout: 2h\nidleTimeout: 90s\nfsyncInterval: 250ms\n"
-        "maxMetadataBytes: 16KiB\n"
+        "maxMetadataBytes: 12KiB\n"
     ))
     config = load_config([path]).config
     assert config.producer_idle_timeout == 7200
     assert config.idle_timeout == 90
     assert config.fsync_interval == 0.25
-    assert config.max_metadata_bytes == 16384
+    assert config.max_metadata_bytes == 12288
     assert load_config([], {"LOOM_PRODUCER_IDLE_TIMEOUT": "0"}).config.producer_idle_timeout is None
 
 
@@ -154,7 +158,7 @@ def test_scoped_tokens_and_bare_tokens_side_by_side(tmp_path):
     ))
     tokens = {t.secret: t.scopes for t in load_config([path]).config.tokens}
     assert tokens == {
-        "legacy-token": {"read", "write", "spy", "admin"},
+        "legacy-token": {"read", "write", "replace", "spy", "admin"},
         "ci-writer": {"write"},
         "dashboard": {"read", "spy"},
         "ops": {"admin"},
@@ -211,3 +215,63 @@ def test_retention_and_resume_window(tmp_path):
     path = write(tmp_path, "a.yml", "retention: 30d\nresumeWindow: 0\n")
     config = load_config([path]).config
     assert config.retention == 30 * 86400 and config.resume_window is None
+
+
+# The keys of the original service's defaults.yaml (it stored streams in RethinkDB).
+ORIGINAL_DEFAULTS = """\
+host: 'localhost'
+port: 3060
+dbHost: 'localhost'
+dbPort: 28015
+dbName: "logs"
+storageMetaTable: "meta"
+storageLogsTable: "logs"
+# storageDataDir: "data"
+# storageTailTimeout: 30s
+# storageCompress: true
+tokens:
+  - sekrit-tik
+  - sekrit-tok
+"""
+
+
+def test_the_original_defaults_file_loads_with_one_warning(tmp_path):
+    """The original's defaults.yaml, RethinkDB keys and all, loads; one warning names the
+    keys that do nothing."""
+    loaded = load_config([write(tmp_path, "defaults.yaml", ORIGINAL_DEFAULTS)])
+    assert loaded.config.listen == ("tcp:3060:interface=localhost",)
+    assert [t.secret for t in loaded.config.tokens] == ["sekrit-tik", "sekrit-tok"]
+    assert loaded.warnings == (
+        "these settings of the original service have no effect in Loom: "
+        "dbHost, dbName, dbPort, storageLogsTable, storageMetaTable",
+    )
+
+
+def test_original_keys_are_not_settings_elsewhere(tmp_path):
+    """The original's RethinkDB keys are accepted in files only; a typo is still an error."""
+    with pytest.raises(ConfigError, match="unknown key 'dbHots'"):
+        load_config([write(tmp_path, "a.yml", "dbHots: x\n")])
+    assert load_config([], {"LOOM_DB_HOST": "x"}).warnings == (
+        "ignoring unknown environment variable LOOM_DB_HOST",)
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_starts_on_the_original_defaults_file(tmp_path):
+    """`twistd loom -c defaults.yaml` with the original's file starts, warns once, serves."""
+    path = write(tmp_path, "defaults.yaml", ORIGINAL_DEFAULTS)
+    argv = TWISTD + ["--nodaemon", "--pidfile=", "loom", "-c", path,
+                     "--data-dir", str(tmp_path / "data")]
+    # Port 0 instead of 3060 (which may be taken here); host 'localhost' comes from the file.
+    process = spawn(argv, env=child_environment(LOOM_PORT="0"), cwd=str(tmp_path))
+    try:
+        match = await process.protocol.wait_for_output(r"Loom ready: .* listening on .*:(\d+)")
+        url = f"http://localhost:{match.group(1)}"
+        response = await treq.get(url + "/streams", headers={"Authorization": "Bearer sekrit-tok"})
+        assert response.code == 200
+        await response.content()
+        assert (await treq.get(url + "/streams")).code == 401
+        warnings = [line for line in process.text().splitlines() if "#warn]" in line]
+        assert len(warnings) == 1 and "dbHost, dbName, dbPort" in warnings[0], warnings
+    finally:
+        process.signal("TERM")
+        await process.wait()

@@ -15,8 +15,9 @@ from twisted.web.client import ResponseFailed
 
 from loom.store import DiskStore, InlineRunners
 from tests.helpers import (
-    FaultyFileSystem,
     chunk,
+    cut_off,
+    FaultyFileSystem,
     make_fake_site,
     parse_response,
     raw_connect,
@@ -42,21 +43,21 @@ def run_scenario(tmp_path, faults: FaultyFileSystem, arm=None):
     p1, t1 = fake.connect()
     p1.dataReceived(b"POST /stream/p1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
     for index, piece in enumerate(CHUNKS_1):
-        if not t1.disconnected:
+        if not cut_off(t1):
             p1.dataReceived(chunk(piece))
         if index == 4:
             fake.clock.advance(1.0)  # an interval sync while the stream is live
-    if not t1.disconnected:
+    if not cut_off(t1):
         p1.dataReceived(b"0\r\n\r\n")
     p2, t2 = fake.connect()
     p2.dataReceived(b"POST /stream/p2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
     for piece in CHUNKS_2:
-        if not t2.disconnected:
+        if not cut_off(t2):
             p2.dataReceived(chunk(piece))
-    if not t2.disconnected:
+    if not cut_off(t2):
         p2.dataReceived(b"0\r\n\r\n")
     for name, channel, transport, sent in (("p1", p1, t1, CHUNKS_1), ("p2", p2, t2, CHUNKS_2)):
-        if transport.disconnected:
+        if cut_off(transport):
             channel.connectionLost(GONE)
         outcomes[name] = (transport, b"".join(sent))
     return fake, outcomes
@@ -77,7 +78,7 @@ def check_invariants(fake, outcomes, label):
         status = parse_response(raw)[0] if raw else None
         clean_end = status == 201 and raw.endswith(b"\r\n\r\n0\r\n\r\n")
         if status != 201:
-            assert status == 507 or transport.disconnected, (label, name, raw[:80])
+            assert status == 507 or cut_off(transport), (label, name, raw[:80])
             continue
         channel, reader = fake.connect()
         channel.dataReceived(b"GET /stream/" + name.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -89,7 +90,7 @@ def check_invariants(fake, outcomes, label):
             # A clean end is a promise: complete, with every byte.
             assert state == "complete" and body == sent, (label, name, state)
         else:
-            assert transport.disconnected, (label, name)
+            assert cut_off(transport), (label, name)
             assert state != "complete", (label, name)
             assert body == sent[:size], (label, name)
         record = store.open(name).record

@@ -6,9 +6,12 @@ import sys
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.defer import Deferred
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 
-from loom.client import LoomClient, ServerAborted, SizeMismatch, StreamNotFound
+from loom.client import Busy, LoomClient, ServerAborted, SizeMismatch, StreamNotFound
+from loom.store import TAKEOVER_QUIET
 from tests.helpers import (
     REPO,
     chunk,
@@ -211,6 +214,11 @@ async def test_a_live_stream_can_be_taken_over_by_a_resuming_producer(server):
     await reader.wait_for(b"5")
     info = await client.head("zombie")
     assert (info.state, info.size) == ("live", 5)
+    # Its producer was heard from just now: not yet (and the server says when).
+    with pytest.raises(Busy) as busy:
+        await client.push(body(b"678"), "zombie", append_at=5)
+    assert busy.value.status == 409 and busy.value.retry_after == TAKEOVER_QUIET
+    await deferLater(reactor, busy.value.retry_after, lambda: None)  # as Retry-After asks
     result = await client.push(body(b"678"), "zombie", append_at=5)
     assert result.stream_id == "zombie"
     with pytest.raises(ServerAborted):  # the old producer was cut off
@@ -218,3 +226,42 @@ async def test_a_live_stream_can_be_taken_over_by_a_resuming_producer(server):
     response = await treq.get(server.url + "/stream/zombie")
     assert await response.content() == b"12345678"
     assert response.headers.getRawHeaders("x-stream-state") == ["complete"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_producers_appending_at_once_never_interleave(tmp_path):
+    """Two producers append to one stream at the same offset at the same moment, 40 times:
+    each time exactly one gets 200 and writes, the other gets 409 with Retry-After, and the
+    stream holds the winner's bytes alone."""
+    server = await start_server(tmp_path / "data")
+    try:
+        spy = await raw_connect(server.port)  # its END lines say when a stream has ended
+        spy.send(b"GET /spy HTTP/1.0\r\n\r\n")
+        await spy.wait_for(b"\r\n\r\n")
+        for round_ in range(40):
+            stream_id = b"race-%d" % round_
+            producer = await start_producer(server.port, stream_id, b"base\n")
+            await spy.wait_for(stream_id + b" | base\n")
+            producer.transport.abortConnection()  # dropped: the stream becomes aborted
+            await spy.wait_for(b"END " + stream_id + b" aborted 5")
+            racers = [await raw_connect(server.port) for _ in range(2)]
+            for racer, payload in zip(racers, (b"AAAA", b"BBBB")):
+                racer.transport.write(
+                    b"POST /stream/" + stream_id + b"?append=true HTTP/1.1\r\nHost: x\r\n"
+                    b"X-Stream-Offset: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    + chunk(payload * 64) + b"0\r\n\r\n")
+            answers = await gatherResults([r.wait_for(b"\r\n\r\n") for r in racers])
+            statuses = [int(answer.split()[1]) for answer in answers]
+            assert sorted(statuses) == [200, 409], (round_, answers)
+            assert b"Retry-After: 1" in answers[statuses.index(409)]
+            winner = racers[statuses.index(200)]
+            await winner.wait_for(lambda got: got.endswith(b"\r\n0\r\n\r\n"))  # complete
+            response = await treq.get(f"{server.url}/stream/{stream_id.decode()}")
+            stored = await response.content()
+            assert stored in (b"base\n" + b"AAAA" * 64, b"base\n" + b"BBBB" * 64), round_
+            assert response.headers.getRawHeaders("x-stream-state") == ["complete"]
+            for racer in racers:
+                racer.transport.loseConnection()
+        spy.transport.loseConnection()
+    finally:
+        await server.service.stopService()

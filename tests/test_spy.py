@@ -63,10 +63,16 @@ def test_a_line_shown_early_does_not_leave_an_empty_line(clock):
      (b"\x1b]0;evil title\x07after", "after"),
      (b"bell\x07 back\x08space\x00nul", "bell backspacenul"),
      (b"tab\tstays", "tab\tstays"),
-     (b"caf\xc3\xa9 \xff", "caf\u00e9 \ufffd")],
+     (b"caf\xc3\xa9 \xff", "caf\u00e9 \ufffd"),
+     # C1 controls (8-bit CSI, NEL, OSC as UTF-8), bidi overrides and isolates, separators
+     ("a\u009b31mb\u0085c\u009d0;t\u009cd".encode(), "a31mbc0;td"),
+     ("user\u202egnp.exe\u202c ok".encode(), "usergnp.exe ok"),
+     ("x\u2066y\u2067z\u2068w\u2069\u200e\u200f\u061c".encode(), "xyzw"),
+     ("one\u2028two\u2029".encode(), "onetwo")],
 )
 def test_clean_line_removes_escapes_and_controls(raw, shown):
-    """A stream cannot repaint the spy's terminal: escapes and controls are removed."""
+    """A stream cannot repaint the spy's terminal or reorder its text: escapes, C0 and C1
+    controls and bidirectional overrides are removed."""
     assert clean_line(raw) == shown
 
 

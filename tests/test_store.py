@@ -10,8 +10,10 @@ from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
 from loom.errors import (
+    Forbidden,
     OffsetMismatch,
     StorageFailed,
+    StreamBusy,
     StreamCut,
     StreamExists,
     StreamNotFound,
@@ -20,8 +22,10 @@ from loom.errors import (
 from loom.store import (
     ABORTED,
     COMPLETE,
+    ENDING_WAIT,
     INTERRUPTED,
     REPLACED,
+    TAKEOVER_QUIET,
     DiskStore,
     InlineRunners,
     IStreamStore,
@@ -483,18 +487,130 @@ def test_only_aborted_or_interrupted_streams_resume(stores):
 
 
 def test_resume_takes_over_a_live_stream_at_its_exact_size(stores):
-    """A producer that knows the exact size takes over a stream the server still sees live."""
+    """A producer that knows the exact size takes over a stream whose producer went silent."""
     store = stores.make()
-    stream = result(store.create("s1", "{}"))
+    cuts, new_cuts = [], []
+    stream = result(store.create("s1", "{}", on_cut=cuts.append))
     stream.append(b"abc")
-    cuts = []
-    stream.on_cut = cuts.append
     with pytest.raises(OffsetMismatch):
         result(store.resume("s1", 1))
-    assert result(store.resume("s1", 3)) is stream
+    stores.clock.advance(TAKEOVER_QUIET)
+    assert result(store.resume("s1", 3, on_cut=new_cuts.append)) is stream
     assert cuts == ["taken over"] and stream.outcome is None
     stream.append(b"def")
     assert read_all(store, "s1") == (b"abcdef", "live")
+    result(store.delete("s1"))
+    assert new_cuts == ["deleted"]  # the stream now answers to its new producer
+
+
+def test_two_producers_racing_to_append_never_both_write(stores):
+    """Two appends at the same offset, the second while the first is being granted:
+    exactly one gets the stream, the other a StreamBusy; nothing interleaves."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}"))
+    stream.append(b"base ")
+    result(stream.abort())
+    runners = ManualCatalog()
+    store._runners = runners  # catalog work now waits for the test
+    first_cuts, second_cuts = [], []
+    first = Deferred.fromCoroutine(store.resume("s1", 5, on_cut=first_cuts.append))
+    second = Deferred.fromCoroutine(store.resume("s1", 5, on_cut=second_cuts.append))
+    runners.run_next()  # the first reopens the file: it is granted the stream ...
+    granted = result(first)
+    with pytest.raises(StreamBusy) as refused:  # ... and the second, queued behind it, is not
+        result(second)
+    assert refused.value.status == 409 and refused.value.headers["Retry-After"] == "1"
+    granted.append(b"first")
+    assert first_cuts == second_cuts == []
+    assert read_all(store, "s1") == (b"base first", "live")
+
+
+def test_a_take_over_needs_the_token_that_writes_the_stream(stores):
+    """Only the token a live stream's producer used may take it over."""
+    store = stores.make()
+    stream = result(store.create("s1", "{}", owner=b"token-a"))
+    stream.append(b"abc")
+    stores.clock.advance(TAKEOVER_QUIET)
+    with pytest.raises(Forbidden):
+        result(store.resume("s1", 3, owner=b"token-b"))
+    with pytest.raises(Forbidden):
+        result(store.resume("s1", 3, owner=None))
+    assert result(store.resume("s1", 3, owner=b"token-a")) is stream
+
+
+def test_an_append_waits_for_a_stream_that_is_still_ending(stores):
+    """An append arriving while the dropped producer's stream is being ended waits for the
+    end, then resumes it; one that waits too long is told to try again."""
+    store = stores.make()
+    store._runners = runners = ManualCatalog()
+    stream = result(_run(runners, store.create("s1", "{}")))
+    stream.append(b"abc")
+    ending = Deferred.fromCoroutine(stream.abort())  # its sync and record wait in the queue
+    resumed = Deferred.fromCoroutine(store.resume("s1", 3))
+    assert not resumed.called
+    runners.run_all()
+    assert result(ending) is None
+    again = result(resumed)
+    assert again is not stream and again.size == 3
+    again.append(b"def")
+    # A stream whose end does not come within ENDING_WAIT: StreamBusy, then a retry works.
+    late = Deferred.fromCoroutine(again.abort())
+    refused = Deferred.fromCoroutine(store.resume("s1", 6))
+    stores.clock.advance(ENDING_WAIT)
+    with pytest.raises(StreamBusy):
+        result(refused)
+    runners.run_all()
+    result(late)
+    assert result(_run(runners, store.resume("s1", 6))).size == 6
+
+
+def test_discard_removes_only_an_empty_stream(stores):
+    """discard() removes a stream that holds no byte, and nothing else."""
+    store = stores.make()
+    empty = result(store.create("e", "{}"))
+    full = result(store.create("f", "{}"))
+    full.append(b"x")
+    assert result(store.discard(empty)) is True
+    assert result(store.discard(full)) is False
+    with pytest.raises(StreamNotFound):
+        store.open("e")
+    assert empty.outcome == "deleted"
+    assert read_all(store, "f") == (b"x", "live")
+    assert result(store.create("e", "{}")).size == 0  # the id is free again
+
+
+class ManualCatalog(InlineRunners):
+    """Catalog and file work wait in one queue until the test runs them."""
+
+    def __init__(self):
+        self.pending = []
+
+    def catalog(self, f, *args):
+        d = Deferred()
+        self.pending.append((d, f, args))
+        return d
+
+    io = catalog
+
+    def run_next(self):
+        d, f, args = self.pending.pop(0)
+        try:
+            value = f(*args)
+        except BaseException as e:
+            d.errback(e)
+        else:
+            d.callback(value)
+
+    def run_all(self):
+        while self.pending:
+            self.run_next()
+
+
+def _run(runners, coroutine):
+    """Start ``coroutine`` and run the queued blocking work until it is done."""
+    d = Deferred.fromCoroutine(coroutine)
+    runners.run_all()
+    return d
 
 
 def test_followers_wait_for_a_resume_within_the_window(stores):

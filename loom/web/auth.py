@@ -16,9 +16,13 @@ ALL_SCOPES = frozenset(SCOPES)
 _ACTIONS = {
     "read": "read streams",
     "write": "write streams",
+    "replace": "replace streams (force=true)",
     "spy": "watch /spy",
     "admin": "delete streams",
 }
+# Scopes that include others: admin may do everything, replace may also write.
+_IMPLIED_BY = {scope: {"admin"} for scope in SCOPES}
+_IMPLIED_BY["write"].add("replace")
 
 
 def _digest(secret: bytes) -> bytes:
@@ -55,7 +59,12 @@ class BearerAuth:
         return len(self._entries)
 
     def check(self, request: IRequest) -> frozenset[str]:
-        """The scopes the request's token grants; Unauthorized or BadRequest if none."""
+        """The scopes the request's token grants; Unauthorized or BadRequest if none.
+
+        Also sets ``request.token_id``: which token it was (its digest, never
+        the token), so a stream can be tied to the token that writes it.
+        """
+        request.token_id = None
         if not self._entries:
             return ALL_SCOPES
         values = request.requestHeaders.getRawHeaders(b"authorization")
@@ -76,13 +85,20 @@ class BearerAuth:
                 granted = scopes
         if granted is None:
             raise Unauthorized("The bearer token is not valid.")
+        request.token_id = offered
         return granted
 
 
-def require(request, scope: str) -> None:
-    """Raise Forbidden unless the request's token grants ``scope`` (admin grants all)."""
+def may(request, scope: str) -> bool:
+    """Whether the request's token grants ``scope`` (admin grants all, replace grants write)."""
     scopes = getattr(request, "scopes", ALL_SCOPES)
-    if scope not in scopes and "admin" not in scopes:
-        raise Forbidden(
-            f"This token may not {_ACTIONS[scope]}: it needs the {scope} scope."
-        )
+    return scope in scopes or not _IMPLIED_BY[scope].isdisjoint(scopes)
+
+
+def require(request, scope: str) -> None:
+    """Raise Forbidden unless the request's token grants ``scope``."""
+    if not may(request, scope):
+        others = sorted(_IMPLIED_BY[scope] - {scope})
+        also = f" (or {', or '.join(others)})" if others else ""
+        raise Forbidden(f"This token may not {_ACTIONS[scope]}: it needs the {scope} "
+                        f"scope{also}.")

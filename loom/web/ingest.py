@@ -21,7 +21,6 @@ Tested against Twisted 26.10 with raw bytes through a real channel
 from __future__ import annotations
 
 import socket
-from urllib.parse import parse_qs
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
@@ -30,9 +29,10 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 
 from loom.buffers import after
-from loom.errors import StorageFailed, StreamCut, StreamTooLarge
+from loom.errors import BadRequest, StorageFailed, StreamCut, StreamGone, StreamTooLarge
 from loom.store import TAKEN_OVER, LiveStream
-from loom.web.responses import answer_failure
+from loom.web.query import parse_query
+from loom.web.responses import answer_failure, write_error, write_json
 
 log = Logger()
 
@@ -43,6 +43,11 @@ LINGER_SECONDS = 2.0
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _MIN_READ, _MAX_READ = 64 * 1024, 512 * 1024
 _MAX_SIZE_LINE = 1024
+# A Content-Length of more digits than a signed 64-bit length is refused.
+_MAX_LENGTH_DIGITS = 19
+# The longest request target (path and query) accepted: room for any id and a
+# query of filters, and a bound on the work a query string can ask for.
+MAX_TARGET_BYTES = 8192
 
 
 class _BodyDecoder:
@@ -145,6 +150,11 @@ class _BodyDecoder:
         return parts, None
 
 
+def _bare_line_feed(head: bytes) -> bool:
+    """Whether ``head`` (part of a request head) ends a line with LF alone."""
+    return head.count(b"\n") != head.count(b"\r\n")
+
+
 def _keep_alive(transport) -> None:
     """TCP keepalive probes after a minute of silence: a quiet follower's connection (and
     its NAT or firewall state) stays up, and a peer that vanished is noticed."""
@@ -177,6 +187,8 @@ class LoomChannel(http.HTTPChannel):
     _adaptive_reads = False
     _body_decoder = None  # set while a producer's body streams: reads go straight to it
     _pending_body_decoder = None
+    _hosts = 0  # Host headers of the request being read
+    _head_tail = b""  # a CR that ended the last read of a head
 
     def connectionMade(self):
         # Site.buildProtocol set timeOut to the keep-alive idle timeout.
@@ -207,12 +219,23 @@ class LoomChannel(http.HTTPChannel):
                 self._respondToBadRequestAndDisconnect()
             return
         self._adapt_read_size(len(data))
-        if self._awaiting_head and self._head_call is None:
-            self._head_call = self.callLater(self.site.header_timeout, self._head_too_slow)
+        if self._awaiting_head:
+            if self._head_call is None:
+                self._head_call = self.callLater(self.site.header_timeout, self._head_too_slow)
+            head = self._head_tail + data[: data.find(b"\r\n\r\n") % (len(data) + 1)]
+            # A CR that ends one read has its LF at the start of the next.
+            self._head_tail = b"\r" if data.endswith(b"\r") else b""
+            if _bare_line_feed(head):
+                # A head of LF-terminated lines would wait for a CRLF that never comes.
+                self._refuse_head(400, "Bad Request", "Request lines must end with CRLF.")
+                return
         super().dataReceived(data)
 
     def lineReceived(self, line):
         if self._discarding:
+            return
+        if b"\n" in line:
+            self._refuse_head(400, "Bad Request", "Request lines must end with CRLF.")
             return
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
             self._refuse_head(431, "Request Header Fields Too Large",
@@ -226,11 +249,41 @@ class LoomChannel(http.HTTPChannel):
                           "A request header line is too long.")
 
     def headerReceived(self, line):
-        # Twisted strips trailing whitespace from values; a token must be exact.
+        # Framing a strict parser (h11) would refuse is refused here, before
+        # twisted.web interprets it: Transfer-Encoding other than chunked
+        # (identity would leave the body to be read as the next request), and
+        # a Content-Length too long to be a length (int() would raise).
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"authorization" and value != value.rstrip():
+        name = name.lower()
+        if name == b"transfer-encoding" and value.strip(b" \t").lower() != b"chunked":
+            self._refuse_head(400, "Bad Request",
+                              "Loom accepts no Transfer-Encoding but chunked.")
+            return False
+        if name == b"content-length" and len(value.strip(b" \t")) > _MAX_LENGTH_DIGITS:
+            self._refuse_head(400, "Bad Request", "The Content-Length is not a length.")
+            return False
+        if name == b"host":
+            self._hosts += 1
+        # Twisted strips trailing whitespace from values; a token must be exact.
+        if name == b"authorization" and value != value.rstrip():
             self.requests[-1].authorization_padded = True
         return super().headerReceived(line)
+
+    def _head_problem(self) -> str | None:
+        """What makes a complete request head unacceptable, if anything (RFC 9112)."""
+        if len(self._path) > MAX_TARGET_BYTES:
+            return "target"
+        target = _origin_form(self._path)
+        if not target.startswith(b"/") and target != b"*":
+            return "The request target must be a path starting with /."
+        if self._version == b"HTTP/1.1" and self._hosts != 1:
+            return "A request needs exactly one Host header."
+        if self._hosts > 1:
+            return "A request may have one Host header, not several."
+        if self._version != b"HTTP/1.1" and self._transferDecoder is not None \
+                and self.length is None:
+            return "Transfer-Encoding needs HTTP/1.1."
+        return None
 
     def _adapt_read_size(self, received: int) -> None:
         """Read a streaming body in large pieces while it comes in bulk, small ones otherwise.
@@ -263,6 +316,11 @@ class LoomChannel(http.HTTPChannel):
         self._cancel_head_deadline()
         if self._discarding or self.transport is None:
             return
+        request = self.requests[-1] if self.requests else None
+        if request is not None and request.dispatched_early:
+            # Its handler may still be at work (a stream being created): this is
+            # its answer, and nothing it writes later may follow it.
+            request._disconnected = True
         body = b'{"error": "%s"}\n' % message.encode("ascii")
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
@@ -279,13 +337,22 @@ class LoomChannel(http.HTTPChannel):
     def allHeadersReceived(self):
         self._awaiting_head = False
         self._cancel_head_deadline()
+        problem, self._hosts = self._head_problem(), 0
+        if problem == "target":
+            self._refuse_head(414, "URI Too Long",
+                              f"The request target is longer than {MAX_TARGET_BYTES} bytes.")
+            return
+        if problem is not None:
+            self._refuse_head(400, "Bad Request", problem)
+            return
         self._holding_continue = True
         try:
             super().allHeadersReceived()
         finally:
             self._holding_continue = False
         request = self.requests[-1]
-        request.headers_received(self._command, self._path, self._version)
+        request.headers_received(self._command, self._path, self._version,
+                                 has_body=self.length != 0)
         if not request.dispatched_early:
             self.send_continue()
         elif (request.body_sink is not None and self._transferDecoder is not None
@@ -324,6 +391,7 @@ class LoomChannel(http.HTTPChannel):
         super().requestDone(request)
         if self.persistent:
             self._awaiting_head = True  # the next request's head has its own deadline
+            self._head_tail = b""
 
     def allContentReceived(self):
         if self._discarding:
@@ -439,17 +507,37 @@ class LoomChannel(http.HTTPChannel):
         transport.writeSequence([bytes(part) for part in parts])
 
     def abort(self) -> None:
-        """Drop the connection at once: the client must not mistake this for a clean end."""
+        """Drop the connection at once, without flushing (the client is stuck)."""
         if self.transport is not None:
             self.transport.abortConnection()
+
+    def cut_off(self) -> None:
+        """End the current response so that the client cannot mistake it for a clean end,
+        yet receives what was already written to it (a producer's 201).
+
+        A chunked response is closed without its last chunk: the write side is
+        closed once what was written is sent, and what the client still sends
+        is drained for a moment (see loseConnection), since closing on unread
+        bytes would reset the connection and lose the answer. A response
+        delimited by the connection (HTTP/1.0) would look complete if closed,
+        so it is reset instead.
+        """
+        request = self.requests[0] if self.requests else None
+        if request is None or not request.chunked:
+            self.abort()
+            return
+        self.refuse_further_requests()
+        self.loseConnection()
 
     def _respondToBadRequestAndDisconnect(self):
         # Called for malformed requests, including a malformed chunk in the
         # middle of a body. If a response (such as a 201) has begun, writing
         # "400 Bad Request" into it would corrupt it: abort instead.
         request = self.requests[-1] if self.requests else None
+        if request is not None and request.body_sink is not None:
+            request.body_sink.body_malformed()
         if request is not None and request.startedWriting:
-            self.abort()
+            self.cut_off()
             return
         self._refuse_head(400, "Bad Request", "The request is malformed.")
 
@@ -468,6 +556,18 @@ def _shared_frame(parts: list, size: int) -> bytes:
     return _last_frame[1]
 
 
+def _origin_form(target: bytes) -> bytes:
+    """The path and query of a request target: ``http://host/a?b`` is ``/a?b`` (RFC 9112
+    says a server must accept the absolute form); any other target is returned as it is."""
+    scheme, separator, rest = target.partition(b"://")
+    if not separator or scheme.lower() not in (b"http", b"https"):
+        return target
+    cut = min((index for index in (rest.find(b"/"), rest.find(b"?")) if index >= 0),
+              default=len(rest))
+    path = rest[cut:]
+    return path if path.startswith(b"/") else b"/" + path
+
+
 class LoomRequest(server.Request):
     """A request that can be dispatched when its headers arrive and never spools its body."""
 
@@ -482,12 +582,19 @@ class LoomRequest(server.Request):
         # No temporary file: bodies are streamed to ``body_sink`` or discarded.
         self.content = None
 
-    def headers_received(self, command: bytes, path: bytes, version: bytes) -> None:
-        """All headers are in: dispatch a POST now so its body can stream."""
+    def headers_received(self, command: bytes, path: bytes, version: bytes,
+                         has_body: bool) -> None:
+        """All headers are in: dispatch a POST now so its body can stream, and refuse
+        a body on any other method now, rather than read it for as long as it trickles."""
         if command == b"POST":
             self.dispatched_early = True
             self._set_request_line(command, path, version)
             self.process()
+        elif has_body:
+            self.dispatched_early = True
+            self._set_request_line(command, path, version)
+            method = command.decode("ascii", "replace")
+            write_error(self, BadRequest(f"A {method} request may not have a body."))
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_sink is not None:
@@ -509,10 +616,21 @@ class LoomRequest(server.Request):
         self.process()
 
     def _set_request_line(self, command: bytes, path: bytes, version: bytes) -> None:
+        path = _origin_form(path)
         self.method, self.uri, self.clientproto = command, path, version
         self.path, _, query = path.partition(b"?")
-        # Not http.parse_qs: it drops bare flags such as the original "?notail".
-        self.args = parse_qs(query, keep_blank_values=True) if query else {}
+        self.args = parse_query(query)
+
+    def process(self):
+        if self.path == b"*":
+            # twisted.web would answer this itself, in its own (non-JSON) words.
+            self.setHeader(b"Allow", b"GET, HEAD, POST, DELETE")
+            if self.method == b"OPTIONS":
+                write_json(self, http.OK, {"allow": ["GET", "HEAD", "POST", "DELETE"]})
+            else:
+                write_error(self, BadRequest("The target * is for OPTIONS only."))
+            return
+        super().process()
 
     def processingFailed(self, reason):
         # An unexpected exception while rendering: JSON 500 (or an abort if
@@ -572,27 +690,44 @@ class Ingest:
         self._body_ended = False
         self._lost = False
         self._failed = False
+        self._malformed = False
         self._syncing = False
+        self._created = False  # this request made the stream (not a resume of it)
+        self._cut_early: str | None = None
         request.body_sink = self
 
     async def run(self, stream_id: str | None, metadata_json: str, force: bool) -> None:
         """Create the stream and answer 201, or raise the LoomError to answer instead."""
-        await self._start(lambda: self._store.create(stream_id, metadata_json, force))
+        self._created = True
+        await self._start(lambda owner: self._store.create(
+            stream_id, metadata_json, force, on_cut=self._cut, owner=owner))
 
     async def resume(self, stream_id: str, offset: int) -> None:
         """Append to a stream at ``offset`` and answer 200, or raise (416: resend from X)."""
-        await self._start(lambda: self._store.resume(stream_id, offset), resumed_at=offset)
+        await self._start(lambda owner: self._store.resume(
+            stream_id, offset, on_cut=self._cut, owner=owner), resumed_at=offset)
 
     async def _start(self, open_stream, resumed_at: int | None = None) -> None:
         self._channel.pause_reading()
         try:
-            stream = await open_stream()
+            # The store binds this ingest to the stream as its producer in the
+            # same step that grants it: no other producer can slip in between.
+            stream = await open_stream(getattr(self._request, "token_id", None))
         except BaseException:
             self._channel.resume_reading()
             raise
         self._stream = stream
         self._request.stream_id = stream.id
-        stream.on_cut = self._cut
+        if self._cut_early is not None:
+            self._failed = True
+            self._channel.resume_reading()
+            raise StreamGone(stream.id, self._cut_early)
+        if self._malformed:
+            # The body proved malformed while the stream was being made; the
+            # client has its 400 already.
+            self._give_up()
+            self._channel.resume_reading()
+            return
         if not self._lost:
             self._send_created(stream, resumed_at)
         pending, self._pending = self._pending, []
@@ -653,6 +788,26 @@ class Ingest:
         if self._stream is not None and not self._failed:
             self._abort_stream()
 
+    def body_malformed(self) -> None:
+        """The body's framing broke: no more of it will come (the channel answers or aborts)."""
+        self._malformed = True
+        if self._stream is not None:
+            self._give_up()
+
+    def _give_up(self) -> None:
+        """After a malformed body: a stream this request made and never stored a byte
+        of is removed, so the same request can be retried; any other is aborted."""
+        if self._failed:
+            return
+        stream = self._stream
+        if self._created and stream.size == 0:
+            self._failed = True
+            d = Deferred.fromCoroutine(self._store.discard(stream))
+            d.addErrback(lambda f: log.failure("discarding stream {stream_id} failed", f,
+                                               stream_id=stream.id))
+            return
+        self._fail("the request body was malformed", reason="the request body was malformed")
+
     # internals
 
     def _sync_before_reading_more(self) -> None:
@@ -707,18 +862,23 @@ class Ingest:
             )
         if record and self._stream.outcome is None and not self._stream.closing:
             self._abort_stream(reason)
-        self._channel.abort()
+        self._channel.cut_off()
 
     def _cut(self, outcome: str) -> None:
         """The store ended the stream under us (replaced, deleted, shutting down, failed),
         or another producer took it over (the stream goes on without us)."""
         if self._failed:
             return
+        if self._stream is None:
+            # Cut between the store granting the stream and this ingest hearing of it
+            # (a DELETE in the same turn): _start answers instead of the 201.
+            self._cut_early = outcome
+            return
         if outcome == TAKEN_OVER:
             self._failed = True
             log.info("stream {stream_id} taken over: disconnecting its previous producer",
                      stream_id=self._stream.id)
-            self._channel.abort()
+            self._channel.cut_off()
             return
         log.info(
             "stream {stream_id} {outcome}: disconnecting its producer",

@@ -8,7 +8,10 @@ import re
 from datetime import UTC, datetime
 
 from loom.catalog import STATES, StreamRecord
-from loom.errors import BadRequest
+from loom.errors import BadRequest, InvalidStreamId
+from loom.ids import validate_id
+from loom.web.query import describe as describe_name
+from loom.web.query import single, text
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 
@@ -28,9 +31,9 @@ MAX_MS = 253402300800000
 def parse_time(name: str, text: str) -> int:
     """An ISO 8601 time (a zone is required, or Z) or seconds since the epoch, as ms."""
     ms = None
-    if re.fullmatch(r"\d{1,15}(\.\d+)?", text):
+    if re.fullmatch(r"\d{1,15}(\.\d{1,9})?", text, re.ASCII):
         ms = int(float(text) * 1000)
-    else:
+    elif len(text) <= 64:
         try:
             moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
@@ -49,26 +52,41 @@ def encode_cursor(record: StreamRecord) -> str:
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
 
+# A cursor Loom gives out holds a time and an id: never longer than this.
+_MAX_CURSOR = 256
+
+
 def decode_cursor(text: str) -> tuple[int, str]:
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        created_ms, stream_id = json.loads(raw)
-        if type(created_ms) is int and 0 <= created_ms <= MAX_MS and isinstance(stream_id, str):
-            return created_ms, stream_id
-    except (ValueError, TypeError, UnicodeDecodeError):
-        pass
+    if len(text) <= _MAX_CURSOR:
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            created_ms, stream_id = json.loads(raw)
+            if (type(created_ms) is int and 0 <= created_ms <= MAX_MS
+                    and isinstance(stream_id, str)):
+                return created_ms, validate_id(stream_id)
+        except (ValueError, TypeError, UnicodeDecodeError, RecursionError, InvalidStreamId):
+            pass
     raise BadRequest("The cursor is not one Loom gave out.")
+
+
+MAX_META_FILTERS = 20
+_PARAMETERS = "state, since, until, meta.<key>, limit, cursor"
 
 
 def filters_from(args: dict[bytes, list[bytes]]) -> dict:
     """The listing filters of a query string; BadRequest names anything wrong."""
     filters: dict = {"meta": []}
     for raw_name, values in args.items():
-        try:
-            name = raw_name.decode("utf-8")
-            value = values[-1].decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest("Query parameters must be UTF-8.") from None
+        name = text(raw_name, raw_name)
+        if name.startswith("meta.") and len(name) > 5:
+            for value in values:
+                filters["meta"].append((name[5:], text(raw_name, value)))
+            if len(filters["meta"]) > MAX_META_FILTERS:
+                raise BadRequest(f"A listing takes at most {MAX_META_FILTERS} metadata filters.")
+            continue
+        if name not in ("state", "since", "until", "limit", "cursor"):
+            raise BadRequest(f"Unknown parameter {describe_name(raw_name)}: use {_PARAMETERS}.")
+        value = text(raw_name, single(args, raw_name))
         if name == "state":
             if value not in STATES:
                 raise BadRequest(f"state is one of {', '.join(STATES)}.")
@@ -78,18 +96,11 @@ def filters_from(args: dict[bytes, list[bytes]]) -> dict:
         elif name == "until":
             filters["until_ms"] = parse_time("until", value)
         elif name == "limit":
-            if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+            if not re.fullmatch(r"\d{1,4}", value, re.ASCII) or not 1 <= int(value) <= MAX_LIMIT:
                 raise BadRequest(f"limit is a whole number from 1 to {MAX_LIMIT}.")
             filters["limit"] = int(value)
-        elif name == "cursor":
-            filters["before"] = decode_cursor(value)
-        elif name.startswith("meta.") and len(name) > 5:
-            for item in values:
-                filters["meta"].append((name[5:], item.decode("utf-8", "replace")))
         else:
-            raise BadRequest(
-                f"Unknown parameter {name}: use state, since, until, meta.<key>, limit, cursor."
-            )
+            filters["before"] = decode_cursor(value)
     filters["meta"] = tuple(filters["meta"])
     filters.setdefault("limit", DEFAULT_LIMIT)
     return filters

@@ -22,6 +22,7 @@ from loom.errors import (
     LoomError,
     MethodNotAllowed,
     NotFound,
+    OffsetMismatch,
     PayloadTooLarge,
     RangeNotSatisfiable,
     Unavailable,
@@ -30,10 +31,11 @@ from loom.follow import Follower
 from loom.ids import validate_id
 from loom.metadata import parse_metadata
 from loom.spy import Spy
-from loom.web.auth import BearerAuth, require
+from loom.web.auth import BearerAuth, may, require
 from loom.web.ingest import Ingest
 from loom.web.listing import page
 from loom.web.metrics import metrics_registry
+from loom.web.query import capped, count, flag, single, strict_flag
 from loom.web.responses import answer_failure, write_error, write_json
 from loom.web.site import SiteCounters
 
@@ -46,19 +48,6 @@ def render_async(request, handler: Callable[[], Awaitable[None]]) -> int:
     return NOT_DONE_YET
 
 
-def query_flag(request, name: bytes) -> bool:
-    """Whether a query flag such as ``?notail`` or ``?force=true`` is set."""
-    values = request.args.get(name)
-    if not values:
-        return False
-    value = values[-1].lower()
-    if value in (b"", b"true", b"1", b"yes"):
-        return True
-    if value in (b"false", b"0", b"no"):
-        return False
-    raise BadRequest(f"Query parameter {name.decode()} takes true or false.")
-
-
 class JsonResource(Resource):
     """A resource whose errors, including unsupported methods, are JSON."""
 
@@ -66,12 +55,17 @@ class JsonResource(Resource):
         request.setHeader(b"Server", SERVER_HEADER)
         method = request.method.decode("ascii", "replace")
         handler = getattr(self, "render_" + method, None)
+        if handler is None and method == "HEAD":
+            # HEAD is GET without the body (twisted.web drops what is written).
+            handler = getattr(self, "render_GET", None)
         try:
             if handler is None or not method.isupper():
                 allowed = sorted(
                     name[len("render_"):] for name in dir(self)
                     if name.startswith("render_") and name[len("render_"):].isupper()
                 )
+                if "GET" in allowed and "HEAD" not in allowed:
+                    allowed = sorted([*allowed, "HEAD"])
                 raise MethodNotAllowed(method, allowed)
             return handler(request)
         except LoomError as e:
@@ -128,7 +122,7 @@ class RequestSink:
     def cut(self) -> None:
         channel = self._request.channel
         if channel is not None:
-            channel.loseConnection()
+            channel.cut_off()
 
     def abort(self) -> None:
         channel = self._request.channel
@@ -136,14 +130,15 @@ class RequestSink:
             channel.abort()
 
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)\Z")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)\Z", re.ASCII)
 
 
 def byte_range(header: bytes | None, size: int) -> tuple[int, int] | None:
     """The [start, end) a Range header asks for, None to ignore it; RangeNotSatisfiable.
 
     One range is honoured (``N-M``, ``N-``, ``-K``); several ranges or a
-    syntax Loom does not know are ignored, which RFC 9110 allows.
+    syntax Loom does not know are ignored, which RFC 9110 allows. Positions
+    of any length are understood: one beyond the stream is past its end.
     """
     if header is None:
         return None
@@ -152,26 +147,32 @@ def byte_range(header: bytes | None, size: int) -> tuple[int, int] | None:
         return None
     first, last = match.groups()
     if first == "":  # the last K bytes
-        count = int(last)
+        count = capped(last)
         if count == 0 or size == 0:  # nothing to give the last bytes of
             raise RangeNotSatisfiable(size)
         return max(0, size - count), size
-    start = int(first)
-    end = min(size, int(last) + 1) if last else size
-    if last and int(last) < start:
+    start = capped(first)
+    end = min(size, capped(last) + 1) if last else size
+    if last and capped(last) < start:
         return None  # invalid: ignore
     if start >= size:
         raise RangeNotSatisfiable(size)
     return start, end
 
 
-def query_offset(request) -> int | None:
-    values = request.args.get(b"offset")
+def one_header(request, name: bytes) -> bytes | None:
+    """The value of a header that may be given once; BadRequest if it is given twice."""
+    values = request.requestHeaders.getRawHeaders(name)
     if not values:
         return None
-    if not values[-1].isdigit():
-        raise BadRequest("offset takes a number of bytes (0 or more).")
-    return int(values[-1])
+    if len(values) > 1:
+        raise BadRequest(f"Send one {name.decode('ascii')} header, not several.")
+    return values[0]
+
+
+def query_offset(request) -> int | None:
+    value = single(request.args, b"offset")
+    return None if value is None else count(value, "offset")
 
 
 class StreamResource(JsonResource):
@@ -202,13 +203,13 @@ class StreamResource(JsonResource):
     def render_POST(self, request):
         require(request, "write")
         stream_id = None if self._raw_id is None else validate_id(self._raw_id)
-        force = query_flag(request, b"force")
-        if query_flag(request, b"append"):
+        force = strict_flag(request.args, b"force")
+        if force:
+            require(request, "replace")
+        if flag(request.args, b"append"):
             return self._append(request, stream_id, force)
-        metadata = request.requestHeaders.getRawHeaders(b"x-stream-metadata") or [None]
-        if len(metadata) > 1:
-            raise BadRequest("Send one X-Stream-Metadata header, not several.")
-        _, metadata_json = parse_metadata(metadata[0], self._app.max_metadata_bytes)
+        metadata = one_header(request, b"X-Stream-Metadata")
+        _, metadata_json = parse_metadata(metadata, self._app.max_metadata_bytes)
         self._check_declared_length(request)
         ingest = Ingest(request, self._app.store, self._app.producer_idle_timeout)
         return render_async(request, lambda: ingest.run(stream_id, metadata_json, force))
@@ -218,14 +219,23 @@ class StreamResource(JsonResource):
             raise BadRequest("append=true needs the stream's id: POST /stream/<id>?append=true.")
         if force:
             raise BadRequest("append and force cannot be combined.")
-        offset = request.getHeader(b"x-stream-offset")
-        if offset is None or not offset.strip().isdigit():
+        offset = one_header(request, b"X-Stream-Offset")
+        if offset is None:
             raise BadRequest(
                 "append=true needs X-Stream-Offset: the number of bytes the server holds."
             )
+        offset = count(offset, "X-Stream-Offset")
         self._check_declared_length(request)
         ingest = Ingest(request, self._app.store, self._app.producer_idle_timeout)
-        return render_async(request, lambda: ingest.resume(stream_id, int(offset)))
+
+        async def append():
+            try:
+                await ingest.resume(stream_id, offset)
+            except OffsetMismatch as e:
+                # The size is for those who may read the stream anyway.
+                raise e if may(request, "read") else e.without_size() from None
+
+        return render_async(request, append)
 
     def _check_declared_length(self, request) -> None:
         limit = self._app.store.max_stream_bytes
@@ -246,7 +256,7 @@ class StreamResource(JsonResource):
     def _read(self, request, method: str):
         require(request, "read")
         stream_id = self._stream_id(method)
-        notail = query_flag(request, b"notail")
+        notail = flag(request.args, b"notail")
         offset = query_offset(request)
         handle = self._app.store.open(stream_id)
         try:
@@ -294,7 +304,7 @@ class StreamResource(JsonResource):
         """(start, end or None to follow live, status) for a read."""
         size = handle.size
         following = handle.live is not None and not notail
-        wanted = None if following else byte_range(request.getHeader(b"range"), size)
+        wanted = None if following else byte_range(one_header(request, b"Range"), size)
         if wanted is not None:
             if offset is not None:
                 raise BadRequest("Use either ?offset or a Range header, not both.")
@@ -352,14 +362,14 @@ class StreamListing(AppLeaf):
 class SpyResource(AppLeaf):
     """``/spy``: every live stream, line by line; ``?color`` paints each stream."""
 
+    def render_HEAD(self, request):
+        self._head(request)
+        request.write(b"")
+        request.finish()
+        return NOT_DONE_YET
+
     def render_GET(self, request):
-        require(request, "spy")
-        if request.postpath:
-            raise NotFound("There is no such route.")
-        color = query_flag(request, b"color")
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-cache")
-        request.setHeader(b"X-Accel-Buffering", b"no")
+        color = self._head(request)
         request.channel.limit_send_buffer(self._app.reader_send_buffer)
         spy = Spy(self._app.store, RequestSink(request), self._app.clock, color=color,
                   stall_timeout=self._app.stalled_reader_timeout)
@@ -373,6 +383,17 @@ class SpyResource(AppLeaf):
         request.write(b"")  # headers at once, even with no stream to show yet
         spy.start()
         return NOT_DONE_YET
+
+    def _head(self, request) -> bool:
+        """Check the request and set the response's headers; whether to colour."""
+        require(request, "spy")
+        if request.postpath:
+            raise NotFound("There is no such route.")
+        color = flag(request.args, b"color")
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        return color
 
 
 class HealthResource(AppLeaf):
@@ -394,6 +415,8 @@ class MetricsResource(AppLeaf):
 
     def render_GET(self, request):
         require(request, "read")
+        if request.postpath and request.postpath != [b""]:
+            raise NotFound("There is no such route.")
         # The scraper's Accept header picks the text format version (0.0.4 for
         # Prometheus 2, newer ones where asked).
         accept = (request.getHeader(b"accept") or b"").decode("latin-1")

@@ -40,7 +40,7 @@ def answer_failure(request, failure: Failure) -> None:
         # Too late for a status code: the client must see a broken response.
         if not failure.check(LoomError):
             log.failure("request failed while responding", failure)
-        request.channel.abort()
+        request.channel.cut_off()
         return
     if failure.check(LoomError):
         write_error(request, failure.value)

@@ -13,11 +13,12 @@ from twisted.python.failure import Failure
 
 from loom.store import ABORTED, COMPLETE
 from tests.helpers import (
-    ManualRunners,
     chunk,
+    cut_off,
     dechunk,
     json_body,
     make_fake_site,
+    ManualRunners,
     parse_response,
 )
 from tests.test_store import read_all
@@ -128,7 +129,7 @@ def test_force_replaces_and_cuts_the_old_producer(fake):
     channel.dataReceived(post(b"/stream/s1?force=true") + chunk(b"new"))
     status, headers, _ = parse_response(transport.value())
     assert status == 201 and headers["x-stream-replaced"] == "true"
-    assert old_transport.disconnected  # aborted, not a clean end
+    assert cut_off(old_transport)  # not a clean end
     assert not old_transport.value().endswith(b"0\r\n\r\n")
     channel.dataReceived(b"0\r\n\r\n")
     assert read_all(fake.store, "s1") == (b"new", "complete")
@@ -150,7 +151,7 @@ def test_malformed_chunk_mid_body_aborts_instead_of_injecting_a_400(fake):
     channel.dataReceived(post() + chunk(b"good"))
     before = transport.value()
     channel.dataReceived(b"zz\r\nbad\r\n")
-    assert transport.disconnected
+    assert cut_off(transport)
     assert transport.value() == before  # no "400 Bad Request" spliced into the 201
     channel.connectionLost(GONE)
     assert read_all(fake.store, "s1") == (b"good", "aborted")
@@ -254,7 +255,7 @@ def test_storage_failure_after_201_aborts_the_producer(fake, monkeypatch):
 
     monkeypatch.setattr("loom.store.os.write", full)
     channel.dataReceived(chunk(b"lost"))
-    assert transport.disconnected
+    assert cut_off(transport)
     monkeypatch.undo()
     channel.connectionLost(GONE)
     assert read_all(fake.store, "s1") == (b"ok ", ABORTED)
@@ -317,7 +318,7 @@ def test_failed_background_sync_aborts_the_producer(fake):
 
     stream.file.thd_sync = broken
     fake.clock.advance(1.0)
-    assert transport.disconnected
+    assert cut_off(transport)
     channel.connectionLost(GONE)
     assert read_all(fake.store, "s1") == (b"data", ABORTED)
 

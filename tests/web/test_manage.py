@@ -7,7 +7,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from loom.config import Token
-from tests.helpers import chunk, dechunk, json_body, make_fake_site, parse_response
+from tests.helpers import chunk, cut_off, dechunk, json_body, make_fake_site, parse_response
 from tests.test_store import read_all
 
 GONE = Failure(ConnectionDone())
@@ -173,8 +173,8 @@ def test_delete_a_live_stream(fake):
     _, follower = request(fake, b"GET", b"/stream/s")
     _, transport = request(fake, b"DELETE", b"/stream/s")
     assert parse_response(transport.value())[0] == 204
-    assert producer_transport.disconnected
-    assert follower.disconnecting and not follower.value().endswith(b"0\r\n\r\n")
+    assert cut_off(producer_transport)
+    assert cut_off(follower)
     _, transport = request(fake, b"GET", b"/stream/s")
     assert parse_response(transport.value())[0] == 404
     _, transport = request(fake, b"DELETE", b"/stream/s")

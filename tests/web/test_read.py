@@ -4,7 +4,7 @@ import pytest
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from tests.helpers import chunk, dechunk, json_body, make_fake_site, parse_response
+from tests.helpers import chunk, cut_off, dechunk, json_body, make_fake_site, parse_response
 
 GONE = Failure(ConnectionDone())
 
@@ -90,7 +90,7 @@ def test_aborted_producer_cuts_followers_without_the_final_chunk(fake):
     producer.connectionLost(GONE)
     body = parse_response(transport.value())[2]
     assert dechunk(body) == (b"partial", False)
-    assert transport.disconnecting
+    assert cut_off(transport)
 
 
 def test_follower_is_a_push_producer_that_stops_when_the_transport_is_full(fake):
