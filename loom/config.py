@@ -36,6 +36,7 @@ class Config:
     header_timeout: float = 30.0
     stalled_reader_timeout: float | None = 600.0
     max_connections: int = 10000
+    max_connections_per_client: int | None = 1000
     max_stream_bytes: int | None = None
     reader_send_buffer: int | None = 256 * 1024
     retention: float | None = None
@@ -140,6 +141,11 @@ def _stream_limit(value: Any, where: str) -> int | None:
 
 def _connection_limit(value: Any, where: str) -> int:
     return _integer(value, where, 1, 10**6)
+
+
+def _optional_connection_limit(value: Any, where: str) -> int | None:
+    """A connection limit where 0 means "none"."""
+    return _integer(value, where, 0, 10**6) or None
 
 
 # Metadata is sent back in one header line; 16 KiB is the line (Twisted) or
@@ -266,6 +272,11 @@ SETTINGS: tuple[Setting, ...] = (
             "disconnected; 0 = never (default 10m)."),
     Setting("maxConnections", "LOOM_MAX_CONNECTIONS", _connection_limit,
             "Connections beyond this many are answered 503 and closed (default 10000)."),
+    Setting("maxConnectionsPerClient", "LOOM_MAX_CONNECTIONS_PER_CLIENT",
+            _optional_connection_limit,
+            "Connections from one client address beyond this many are answered 503, so no "
+            "single client can fill maxConnections (default 1000; 0 = no limit). Behind a "
+            "reverse proxy every connection comes from the proxy: raise it."),
     Setting("maxStreamBytes", "LOOM_MAX_STREAM_BYTES", _stream_limit,
             "Largest stream stored; a longer one is cut there. 0 = no limit (default)."),
     Setting("readerSendBuffer", "LOOM_READER_SEND_BUFFER", _stream_limit,
@@ -412,6 +423,9 @@ def load_config(
                 "stalledReaderTimeout", Config.stalled_reader_timeout
             ),
             max_connections=values.get("maxConnections", Config.max_connections),
+            max_connections_per_client=values.get(
+                "maxConnectionsPerClient", Config.max_connections_per_client
+            ),
             max_stream_bytes=values.get("maxStreamBytes", Config.max_stream_bytes),
             reader_send_buffer=values.get("readerSendBuffer", Config.reader_send_buffer),
             retention=values.get("retention"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from dataclasses import fields
 
 from twisted.application.service import MultiService
@@ -34,6 +35,26 @@ class StartupError(Exception):
     """Loom cannot start; the message says why in one line."""
 
 
+# Descriptors kept out of the connections' share: the catalog's connections and
+# their journals, thread pools' pipes, listening sockets, logs, and Twisted's
+# reserve for accepting when descriptors run out.
+RESERVED_FILES = 64
+# A connection may hold two: its socket, and the data file it reads or writes.
+FILES_PER_CONNECTION = 2
+
+
+def connection_budget(wanted: int, file_limit: int) -> tuple[int, str | None]:
+    """How many connections the open-file limit allows, at most ``wanted``; and a warning
+    when that is fewer, so that running out of descriptors is a 503, never a reset."""
+    allowed = max(1, (file_limit - RESERVED_FILES) // FILES_PER_CONNECTION)
+    if allowed >= wanted:
+        return wanted, None
+    return allowed, (f"the open-file limit ({file_limit}) allows {allowed} connections "
+                     f"({FILES_PER_CONNECTION} files each): maxConnections {wanted} is lowered "
+                     f"to {allowed}; raise the limit (ulimit -n, or LimitNOFILE= under "
+                     "systemd) to allow more")
+
+
 class LoomService(MultiService):
     """Runs Loom: reconciles storage, then listens; on stop, interrupts live streams."""
 
@@ -61,6 +82,8 @@ class LoomService(MultiService):
             retention=config.retention,
         )
         self.auth = BearerAuth(config.tokens)
+        max_connections, self._files_warning = connection_budget(
+            config.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.app = LoomApp(
             self.store,
             reactor,
@@ -76,7 +99,8 @@ class LoomService(MultiService):
             counters=self.app.site_counters,
             idle_timeout=config.idle_timeout,
             header_timeout=config.header_timeout,
-            max_connections=config.max_connections,
+            max_connections=max_connections,
+            max_connections_per_client=config.max_connections_per_client,
             # Room for the largest metadata plus ordinary headers, so that
             # oversized metadata gets its 413 instead of a dropped connection.
             max_head_bytes=max(64 * 1024, config.max_metadata_bytes + 8192),
@@ -94,6 +118,8 @@ class LoomService(MultiService):
         """
         for warning in self._warnings:
             log.warn("config: {warning}", warning=warning)
+        if self._files_warning:
+            log.warn("{warning}", warning=self._files_warning)
         try:
             for description in self.config.listen:
                 self.ports.append(self._listen(description))

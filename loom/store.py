@@ -761,6 +761,7 @@ class _StoreBase:
                     self._thd_create, record, force
                 )
             except (OSError, CatalogError) as e:
+                _raise_if_out_of_files(e)
                 self.errors["create"] += 1
                 log.error("creating stream {stream_id} failed: {error}",
                           stream_id=stream_id, error=_describe(e))
@@ -892,6 +893,7 @@ class _StoreBase:
             try:
                 data = await self._runners.catalog(self._thd_reopen, record)
             except (OSError, CatalogError) as e:
+                _raise_if_out_of_files(e)
                 self.errors["create"] += 1
                 raise StorageFailed(f"Loom could not reopen the stream: {_describe(e)}.") from e
             self._unrecorded.pop(stream_id, None)
@@ -1110,6 +1112,13 @@ class _IdLock:
         return False
 
 
+def _raise_if_out_of_files(error: Exception) -> None:
+    """Running out of file descriptors is a passing overload (503), not a storage failure."""
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):
+        raise Unavailable("Loom has too many files open right now; try again shortly.",
+                          {"Retry-After": "1"}) from error
+
+
 def _describe(error: Exception) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
@@ -1187,6 +1196,7 @@ class DiskStore(_StoreBase):
         except FileNotFoundError:
             return MemoryFile(bytearray())  # nothing on disk: size() reports the loss
         except OSError as e:
+            _raise_if_out_of_files(e)
             log.error("stream {stream_id}: opening its data failed: {error}",
                       stream_id=record.id, error=_describe(e))
             raise StorageFailed(f"Loom could not read stream {record.id}: {_describe(e)}.")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessExitedAlready
@@ -84,8 +85,10 @@ class FakeSite:
     site: LoomSite
     app: LoomApp
 
-    def connect(self, transport=None):
-        channel = self.site.buildProtocol(None)
+    def connect(self, transport=None, host: str | None = None):
+        """A channel on a fake transport; ``host``: the client's address, if it has one."""
+        address = IPv4Address("TCP", host, 40000) if host else None
+        channel = self.site.buildProtocol(address)
         transport = transport or FakeTCPTransport()
         channel.makeConnection(transport)
         return channel, transport
@@ -104,6 +107,7 @@ def make_fake_site(
     max_connections: int = 10000,
     stalled_reader_timeout: float | None = 600.0,
     max_stream_bytes: int | None = None,
+    max_connections_per_client: int | None = None,
 ) -> FakeSite:
     clock = clock or Clock()
     if store is None:
@@ -123,6 +127,7 @@ def make_fake_site(
     )
     site = LoomSite(Root(app), clock, idle_timeout=idle_timeout, header_timeout=header_timeout,
                     max_connections=max_connections, counters=app.site_counters,
+                    max_connections_per_client=max_connections_per_client,
                     max_head_bytes=max(64 * 1024, max_metadata_bytes + 8192))
     return FakeSite(clock, store, site, app)
 

@@ -270,7 +270,7 @@ async def test_twistd_starts_on_the_original_defaults_file(tmp_path):
         assert response.code == 200
         await response.content()
         assert (await treq.get(url + "/streams")).code == 401
-        warnings = [line for line in process.text().splitlines() if "#warn]" in line]
+        warnings = [line for line in process.text().splitlines() if "] config: " in line]
         assert len(warnings) == 1 and "dbHost, dbName, dbPort" in warnings[0], warnings
     finally:
         process.signal("TERM")

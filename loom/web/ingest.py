@@ -188,13 +188,14 @@ class LoomChannel(http.HTTPChannel):
     _body_decoder = None  # set while a producer's body streams: reads go straight to it
     _pending_body_decoder = None
     _hosts = 0  # Host headers of the request being read
+    client_host: str | None = None  # the client's address, set by the site
     _head_tail = b""  # a CR that ended the last read of a head
 
     def connectionMade(self):
         # Site.buildProtocol set timeOut to the keep-alive idle timeout.
         self.idle_timeout = self.timeOut
         self.MAX_LENGTH = self.totalHeadersSize = self.site.max_head_bytes
-        self.site.channels.add(self)
+        self.site.channel_opened(self)
         super().connectionMade()
         if type(self.transport) is tcp.Server:
             _keep_alive(self.transport)

@@ -34,10 +34,14 @@ class SiteCounters:
 
 
 class _TooManyConnections(Protocol):
-    """Says 503 and closes, without reading a byte: the server is full."""
+    """Says 503 and closes, without reading a byte: the server (or this client's share of
+    it) is full."""
+
+    def __init__(self, message: bytes):
+        self._message = message
 
     def connectionMade(self):
-        body = b'{"error": "The server has too many connections; try again later."}\n'
+        body = b'{"error": "%s"}\n' % self._message
         self.transport.write(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
@@ -65,23 +69,44 @@ class LoomSite(server.Site):
         max_connections: int = 10000,
         max_head_bytes: int = 16384,
         counters: SiteCounters | None = None,
+        max_connections_per_client: int | None = None,
     ):
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.counters = counters or SiteCounters()
         self.header_timeout = header_timeout
         self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client
         self.max_head_bytes = max_head_bytes
         self.channels: set[LoomChannel] = set()
+        self._per_client: dict[str, int] = {}  # open connections by client address
+        self._refused_from: set[str] = set()  # addresses told so since they were last served
 
     def protocol(self):
         return LoomChannel()
 
     def buildProtocol(self, addr):
+        host = getattr(addr, "host", None)  # None for a UNIX socket: no address to share
         if len(self.channels) >= self.max_connections:
-            log.warn("refusing a connection from {peer}: {count} connections are open",
-                     peer=getattr(addr, "host", "-"), count=len(self.channels))
-            return _TooManyConnections()
-        return super().buildProtocol(addr)
+            self._warn_once(host, "refusing connections from {peer}: {count} connections "
+                                  "are open (maxConnections)", len(self.channels))
+            return _TooManyConnections(b"The server has too many connections; try again "
+                                       b"later.")
+        cap = self.max_connections_per_client
+        if host is not None and cap is not None and self._per_client.get(host, 0) >= cap:
+            self._warn_once(host, "refusing connections from {peer}: it has {count} open "
+                                  "(maxConnectionsPerClient)", cap)
+            return _TooManyConnections(b"This client has too many connections open; close "
+                                       b"some or try again later.")
+        channel = super().buildProtocol(addr)
+        channel.client_host = host
+        return channel
+
+    def _warn_once(self, host, message: str, count: int) -> None:
+        """One log line per address for a run of refusals, not one per connection."""
+        key = host or "-"
+        if key not in self._refused_from:
+            self._refused_from.add(key)
+            log.warn(message, peer=key, count=count)
 
     async def close_connections(self, grace: float = 2.0) -> None:
         """Close every open connection (on shutdown); none of them ends cleanly.
@@ -111,8 +136,23 @@ class LoomSite(server.Site):
 
     _on_channel_closed = None
 
+    def channel_opened(self, channel: LoomChannel) -> None:
+        self.channels.add(channel)
+        host = channel.client_host
+        if host is not None:
+            self._per_client[host] = self._per_client.get(host, 0) + 1
+            self._refused_from.discard(host)
+
     def channel_closed(self, channel: LoomChannel) -> None:
-        self.channels.discard(channel)
+        if channel in self.channels:
+            self.channels.discard(channel)
+            host = channel.client_host
+            if host is not None:
+                left = self._per_client[host] - 1
+                if left:
+                    self._per_client[host] = left
+                else:
+                    del self._per_client[host]
         if self._on_channel_closed is not None:
             self._on_channel_closed()
 

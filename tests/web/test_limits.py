@@ -1,13 +1,16 @@
 """Every limit is configurable and answers clearly (Clock, raw bytes through a real channel)."""
 
 import os
+import sys
 
 import pytest
 import pytest_twisted
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from tests.helpers import (
+    FakeTCPTransport,
     chunk,
     cut_off,
     dechunk,
@@ -15,6 +18,7 @@ from tests.helpers import (
     make_fake_site,
     parse_response,
     raw_connect,
+    spawn,
     start_server,
 )
 from tests.test_store import read_all
@@ -116,6 +120,78 @@ def test_excess_connections_get_503_and_the_others_are_undisturbed(tmp_path):
     fourth, fourth_transport = fake.connect()  # a slot is free again
     fourth.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert parse_response(fourth_transport.value())[0] == 200
+
+
+def test_one_client_cannot_fill_the_server(tmp_path):
+    """Beyond maxConnectionsPerClient, that address gets 503 while others are served; a
+    slot it frees is its again."""
+    fake = make_fake_site(data_dir=str(tmp_path), max_connections=10,
+                          max_connections_per_client=2)
+    greedy = [fake.connect(host="10.0.0.1") for _ in range(2)]
+    third = fake.site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1))
+    transport = FakeTCPTransport()
+    third.makeConnection(transport)
+    status, headers, body = parse_response(transport.value())
+    assert status == 503 and "This client has too many" in json_body(body)["error"]
+    assert headers["retry-after"] == "1" and transport.disconnecting
+    other, other_transport = fake.connect(host="10.0.0.2")
+    other.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert parse_response(other_transport.value())[0] == 200
+    greedy[0][0].connectionLost(GONE)
+    again, again_transport = fake.connect(host="10.0.0.1")
+    again.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert parse_response(again_transport.value())[0] == 200
+    assert fake.site._per_client == {"10.0.0.1": 2, "10.0.0.2": 1}
+
+
+@pytest.mark.parametrize("file_limit, wanted, allowed", [
+    (20000, 10000, 9968), (1048576, 10000, 10000), (256, 10000, 96), (70, 10000, 3),
+    (10, 5, 1),
+])
+def test_connections_fit_the_open_file_limit(file_limit, wanted, allowed):
+    """maxConnections is lowered to what the open-file limit allows, with a warning."""
+    from loom.service import connection_budget
+
+    got, warning = connection_budget(wanted, file_limit)
+    assert got == allowed
+    assert (warning is None) == (allowed == wanted)
+    if warning:
+        assert f"lowered to {allowed}" in warning and "ulimit" in warning
+
+
+@pytest_twisted.ensureDeferred
+async def test_running_out_of_files_is_a_503_not_a_reset(tmp_path):
+    """With 200 open files allowed and maxConnections 10000, 150 readers that stop reading
+    (each holding a socket and a data file): every one gets an answer, a 200 or a 503."""
+    data = tmp_path / "data"
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200)); "
+            "from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()")
+    argv = [sys.executable, "-c", code, "--nodaemon", "--pidfile=", "loom", "--data-dir",
+            str(data), "--listen", "tcp:0:interface=127.0.0.1"]
+    process = spawn(argv, cwd=str(tmp_path))
+    try:
+        match = await process.protocol.wait_for_output(r"Loom ready: .* listening on .*:(\d+)")
+        port = int(match.group(1))
+        assert "allows 68 connections" in process.text()
+        producer = await raw_connect(port)
+        producer.send(b"POST /stream/big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                      % (8 * 1024 * 1024) + b"x" * (8 * 1024 * 1024))
+        await producer.wait_for(b"\r\n0\r\n\r\n")  # stored and complete
+        producer.transport.loseConnection()
+        readers = []
+        for _ in range(150):
+            reader = await raw_connect(port)
+            reader.send(b"GET /stream/big HTTP/1.1\r\nHost: x\r\n\r\n")
+            readers.append(reader)
+        heads = [await reader.wait_for(b"\r\n\r\n") for reader in readers]
+        statuses = [int(head.split()[1]) for head in heads]
+        assert set(statuses) == {200, 503}, statuses
+        assert 60 <= statuses.count(200) <= 68
+        for reader in readers:
+            reader.transport.abortConnection()
+    finally:
+        process.signal("TERM")
+        await process.wait()
 
 
 def test_content_length_over_the_stream_limit_is_413_before_any_201(tmp_path):
