@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 
 from loom.catalog import CatalogError
 from loom.config import Config
+from loom.datadir import DataDirectoryError
 from loom.errors import ConfigError
 from loom.faults import CrashPoints
 from loom.store import DiskStore, ThreadRunners
@@ -102,6 +103,9 @@ class LoomService(MultiService):
             raise
         try:
             self.store.start()
+        except DataDirectoryError as e:
+            self._stop_listening()
+            raise StartupError(str(e))  # it names the directory itself
         except (OSError, CatalogError) as e:
             self._stop_listening()
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

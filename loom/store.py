@@ -30,6 +30,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from loom.buffers import after, before
 from loom.catalog import Catalog, CatalogError, StreamRecord
+from loom.datadir import DirectoryLock
 from loom.errors import (
     OffsetMismatch,
     StorageFailed,
@@ -1056,6 +1057,7 @@ class DiskStore(_StoreBase):
         self._fs = fs or FileSystem()
         self._writer: Catalog | None = None
         self._reader: Catalog | None = None
+        self._lock: DirectoryLock | None = None
 
     @property
     def catalog_path(self) -> str:
@@ -1071,6 +1073,11 @@ class DiskStore(_StoreBase):
         return self.data_dir.child("streams").child(bucket).child(storage + ".data")
 
     def _open_storage(self) -> None:
+        self.data_dir.makedirs(ignoreExistingDirectory=True)
+        # Before anything reads or changes the catalog or the files: a second
+        # server on this directory would take the first one's live streams
+        # for a crash's leftovers.
+        self._lock = DirectoryLock.acquire(self.data_dir.path)
         self.data_dir.child("streams").makedirs(ignoreExistingDirectory=True)
         self._writer = Catalog(self.catalog_path)
         self._reader = Catalog(self.catalog_path, readonly=True)
@@ -1082,6 +1089,9 @@ class DiskStore(_StoreBase):
             if catalog is not None:
                 catalog.close()
         self._reader = self._writer = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _get_record(self, stream_id: str) -> StreamRecord | None:
         return self._reader.get(stream_id)
