@@ -7,13 +7,20 @@ stream marked complete stays complete after a power loss.
 
 Any SQLite failure (disk full, I/O error, corruption) surfaces as
 ``CatalogError``, which the store reports as a storage failure.
+
+Every write first checks that the path still names the file that was opened:
+a catalog deleted or replaced under a running server would otherwise take
+commits that no restart ever sees.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sqlite3
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from loom.errors import StreamExists
 
@@ -81,6 +88,14 @@ class CatalogError(Exception):
     """The catalog database failed (disk full, I/O error, corruption)."""
 
 
+class CatalogGone(CatalogError):
+    """The catalog's path no longer names the file this connection opened."""
+
+
+class NotACatalog(CatalogError):
+    """The file opened as the catalog holds no streams table (empty or not Loom's)."""
+
+
 @dataclass(frozen=True)
 class StreamRecord:
     """A catalog row. ``metadata`` is the stored JSON text; ``reason`` explains an odd state."""
@@ -113,28 +128,85 @@ def _guarded(method):
     return wrapper
 
 
-class Catalog:
-    """A connection to the catalog database at ``path``."""
+def _writes(method):
+    """A catalog write: refused with CatalogGone once the file was deleted or replaced."""
 
-    @_guarded
-    def __init__(self, path: str, *, readonly: bool = False):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self.check_in_place()
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            raise CatalogError(f"catalog {method.__name__} failed: {e}") from e
+
+    return wrapper
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+class Catalog:
+    """A connection to the catalog database at ``path``.
+
+    ``create`` lets SQLite make the file (and the schema) if there is none;
+    without it a missing file fails and a file with no streams table raises
+    NotACatalog.
+    """
+
+    def __init__(self, path: str, *, readonly: bool = False, create: bool = True):
         self.path = path
+        self._db = None
+        try:
+            self._open(readonly, create)
+        except sqlite3.Error as e:
+            self.close()
+            raise CatalogError(f"catalog __init__ failed: {e}") from e
+        except CatalogError:
+            self.close()
+            raise
+
+    def _open(self, readonly: bool, create: bool) -> None:
+        mode = "rwc" if create else "rw"
         self._db = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=10.0
+            f"file:{quote(os.path.abspath(self.path))}?mode={mode}", uri=True,
+            isolation_level=None, check_same_thread=False, timeout=10.0,
         )
+        # The file this connection holds: writes stop if the path ever names another.
+        self._identity = _identity(self.path)
         self._db.execute("PRAGMA busy_timeout = 10000")
         if not readonly:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
-            self._migrate()
+            self._migrate(create)
         else:
             self._db.execute("PRAGMA query_only = ON")
+            if not create and not self._has_streams_table():
+                raise NotACatalog(f"the catalog {self.path} holds no streams table")
 
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        exists = self._db.execute(
+    def _has_streams_table(self) -> bool:
+        return self._db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'streams'"
-        ).fetchone()
+        ).fetchone() is not None
+
+    def in_place(self) -> bool:
+        """Whether the catalog's path still names the file this connection opened."""
+        return self._identity is not None and _identity(self.path) == self._identity
+
+    def check_in_place(self) -> None:
+        if not self.in_place():
+            raise CatalogGone(f"the catalog file {self.path} was deleted or replaced "
+                              "while Loom was running")
+
+    def _migrate(self, create: bool) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        exists = self._has_streams_table()
+        if not exists and not create:
+            raise NotACatalog(f"the catalog {self.path} holds no streams table")
         if exists and version < 2:
             # Version 1 had no reason column and no 'damaged' state; SQLite
             # cannot alter a CHECK constraint, so the table is rebuilt.
@@ -161,7 +233,8 @@ class Catalog:
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
 
     @_guarded
     def get(self, stream_id: str) -> StreamRecord | None:
@@ -182,7 +255,7 @@ class Catalog:
         """(id, storage, size, state) of every stream: what reconciliation checks."""
         return self._db.execute("SELECT id, storage, size, state FROM streams").fetchall()
 
-    @_guarded
+    @_writes
     def insert(self, record: StreamRecord) -> None:
         """Add a new stream; StreamExists if its id is taken."""
         try:
@@ -197,12 +270,23 @@ class Catalog:
                 raise StreamExists(record.id) from None
             raise
 
+    @_writes
+    def insert_all(self, records: list[StreamRecord]) -> None:
+        """Add many new streams in one transaction (a rebuilt catalog)."""
+        with _transaction(self._db):
+            for record in records:
+                self._db.execute(
+                    f"INSERT INTO streams ({_COLUMNS}) VALUES ({_PLACEHOLDERS})",
+                    _values(record),
+                )
+                self._insert_meta(record)
+
     def _insert_meta(self, record: StreamRecord) -> None:
         self._db.executemany(
             "INSERT INTO stream_meta VALUES (?, ?, ?)", meta_rows(record.id, record.metadata)
         )
 
-    @_guarded
+    @_writes
     def replace(self, record: StreamRecord) -> str | None:
         """Put ``record`` in place of any stream with its id, in one transaction.
 
@@ -223,7 +307,7 @@ class Catalog:
             self._insert_meta(record)
         return old.storage if old else None
 
-    @_guarded
+    @_writes
     def finish(
         self,
         stream_id: str,
@@ -241,7 +325,7 @@ class Catalog:
         )
         return cursor.rowcount == 1
 
-    @_guarded
+    @_writes
     def reopen(self, stream_id: str, storage: str) -> bool:
         """A resumed stream is live again; False if the row now belongs to another stream."""
         cursor = self._db.execute(
@@ -251,7 +335,7 @@ class Catalog:
         )
         return cursor.rowcount == 1
 
-    @_guarded
+    @_writes
     def delete(self, streams: list[tuple[str, str]]) -> list[str]:
         """Delete (id, storage) streams in one transaction; return the storages deleted.
 
@@ -275,7 +359,7 @@ class Catalog:
     def pending_deletes(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT storage FROM pending_deletes")]
 
-    @_guarded
+    @_writes
     def forget_pending_deletes(self, storages: list[str]) -> None:
         """The files of ``storages`` are gone."""
         self._db.executemany("DELETE FROM pending_deletes WHERE storage = ?",
@@ -358,7 +442,7 @@ class Catalog:
         row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    @_guarded
+    @_writes
     def set_setting(self, key: str, value: str) -> None:
         self._db.execute(
             "INSERT INTO settings (key, value) VALUES (?, ?) "

@@ -1,4 +1,5 @@
-"""The data directory as a whole: one server at a time.
+"""The data directory as a whole: one server at a time, and a catalog that is
+really there.
 
 Everything here blocks (file-system calls); the store calls it at start-up.
 """
@@ -8,6 +9,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from typing import Callable
+
+CATALOG = "catalog.sqlite3"
 # What SQLite keeps beside the catalog in WAL mode.
 CATALOG_COMPANIONS = ("-wal", "-shm")
 
@@ -76,3 +80,83 @@ def lock_holder(fd: int) -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+# --- is the catalog there? ---------------------------------------------------------
+
+
+def stream_file_count(streams_dir: str) -> int:
+    """How many files ``streams/`` holds (in its buckets): stream data, whatever its state."""
+    count = 0
+    try:
+        buckets = list(os.scandir(streams_dir))
+    except FileNotFoundError:
+        return 0
+    for bucket in buckets:
+        if bucket.is_dir(follow_symlinks=False):
+            count += sum(1 for entry in os.scandir(bucket.path)
+                         if entry.is_file(follow_symlinks=False))
+    return count
+
+
+def catalog_problem(catalog_path: str, streams_dir: str) -> str | None:
+    """Why the catalog file cannot be trusted as it is, or None (present, or a fresh install).
+
+    A fresh install is no catalog, no write-ahead log and no stream data. A
+    missing catalog beside data, or an empty one, is never taken for one: a new
+    catalog would make every stream an orphan.
+    """
+    try:
+        size = os.stat(catalog_path).st_size
+    except FileNotFoundError:
+        size = None
+    if size == 0:
+        return f"the catalog {catalog_path} is empty (0 bytes)"
+    if size is not None:
+        return None
+    files = stream_file_count(streams_dir)
+    if files:
+        return f"the catalog {catalog_path} is missing but {streams_dir} holds {files} files"
+    for suffix in CATALOG_COMPANIONS:
+        if os.path.exists(catalog_path + suffix) and os.path.getsize(catalog_path + suffix):
+            return f"the catalog {catalog_path} is missing but its {suffix[1:]} file is not"
+    return None
+
+
+def what_to_do(problem: str) -> str:
+    """A catalog problem and the operator's two ways out, in one line."""
+    return (f"{problem}: restore the catalog from a backup, or start Loom once with "
+            "--rebuild-catalog to rebuild it from the data files (stream metadata is lost)")
+
+
+def create_atomically(path: str, make: Callable[[str], None]) -> None:
+    """Make a file at ``path`` with ``make(temporary path)``, then rename it into place.
+
+    Whoever finds ``path`` finds it complete: a crash part-way leaves only the
+    temporary file, which the next attempt removes.
+    """
+    temporary = path + ".new"
+    for leftover in (temporary, *(temporary + suffix for suffix in CATALOG_COMPANIONS)):
+        try:
+            os.unlink(leftover)
+        except FileNotFoundError:
+            pass
+    make(temporary)
+    for suffix in CATALOG_COMPANIONS:
+        if os.path.exists(temporary + suffix):
+            raise OSError(errno.EBUSY, f"{temporary + suffix} is still there after closing")
+    fd = os.open(temporary, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+    sync_directory(os.path.dirname(path))
+
+
+def sync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -46,6 +46,7 @@ class LoomService(MultiService):
         warnings: tuple[str, ...] = (),
         crash: CrashPoints | None = None,
         reload_config=None,
+        rebuild_catalog: bool = False,
     ):
         super().__init__()
         self.config = config
@@ -60,6 +61,7 @@ class LoomService(MultiService):
             crash=crash,
             resume_window=config.resume_window,
             retention=config.retention,
+            rebuild_catalog=rebuild_catalog,
         )
         self.auth = BearerAuth(config.tokens)
         self.app = LoomApp(
@@ -105,7 +107,7 @@ class LoomService(MultiService):
             self.store.start()
         except DataDirectoryError as e:
             self._stop_listening()
-            raise StartupError(str(e))  # it names the directory itself
+            raise StartupError(str(e))  # it names the directory or the file itself
         except (OSError, CatalogError) as e:
             self._stop_listening()
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

@@ -29,9 +29,18 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
 
 from loom.buffers import after, before
-from loom.catalog import Catalog, CatalogError, StreamRecord
-from loom.datadir import DirectoryLock
+from loom.catalog import Catalog, CatalogError, NotACatalog, StreamRecord
+from loom.datadir import (
+    CATALOG,
+    CATALOG_COMPANIONS,
+    DataDirectoryError,
+    DirectoryLock,
+    catalog_problem,
+    create_atomically,
+    what_to_do,
+)
 from loom.errors import (
+    InvalidStreamId,
     OffsetMismatch,
     StorageFailed,
     StreamCut,
@@ -42,7 +51,7 @@ from loom.errors import (
     Unavailable,
 )
 from loom.faults import CrashPoints, FileSystem
-from loom.ids import IdGenerator
+from loom.ids import IdGenerator, validate_id
 
 log = Logger()
 
@@ -781,6 +790,7 @@ class _StoreBase:
         before the file is gone still ends with the file gone.
         """
         async with self._locked(stream_id):
+            self._check_catalog()  # before cutting anyone off for a deletion that cannot happen
             live = self._live.get(stream_id)
             record = live.record if live else self._unrecorded.get(stream_id)
             if record is None:
@@ -986,6 +996,9 @@ class _StoreBase:
     def check_health(self) -> None:
         """Raise Unavailable unless streams can be read and written."""
 
+    def _check_catalog(self) -> None:
+        """Raise Unavailable if the catalog can record nothing more (it was deleted)."""
+
 
 RETENTION_EVERY = 60.0  # seconds between retention sweeps
 RETENTION_BATCH = 500
@@ -1043,25 +1056,33 @@ def stream_id_of_storage(storage: str) -> str | None:
         return None
 
 
+class CatalogMismatch(CatalogError):
+    """The catalog owns none of the data files: it is not this directory's catalog."""
+
+
 @implementer(IStreamStore)
 class DiskStore(_StoreBase):
     """Streams in ``<data_dir>/streams/<xx>/<storage>.data`` with a SQLite catalog.
 
     ``fs`` and ``crash`` are the fault-injection seams (see loom.faults).
+    ``rebuild_catalog`` lets start-up rebuild a missing, empty or foreign
+    catalog from the data files (CatalogRebuild) where it would otherwise
+    refuse to start.
     """
 
     def __init__(self, data_dir: str, clock, runners: Runners, fs: FileSystem | None = None,
-                 **options):
+                 rebuild_catalog: bool = False, **options):
         super().__init__(clock, runners, **options)
         self.data_dir = FilePath(os.path.abspath(data_dir))
         self._fs = fs or FileSystem()
         self._writer: Catalog | None = None
         self._reader: Catalog | None = None
         self._lock: DirectoryLock | None = None
+        self._rebuild_catalog = rebuild_catalog
 
     @property
     def catalog_path(self) -> str:
-        return self.data_dir.child("catalog.sqlite3").path
+        return self.data_dir.child(CATALOG).path
 
     @property
     def quarantine(self) -> FilePath:
@@ -1079,16 +1100,47 @@ class DiskStore(_StoreBase):
         # for a crash's leftovers.
         self._lock = DirectoryLock.acquire(self.data_dir.path)
         self.data_dir.child("streams").makedirs(ignoreExistingDirectory=True)
-        self._writer = Catalog(self.catalog_path)
-        self._reader = Catalog(self.catalog_path, readonly=True)
-        recovery = Recovery(self, self._writer, self._now_ms())
-        recovery.run()
+        rebuilt = False
+        while True:
+            problem = catalog_problem(self.catalog_path, self.data_dir.child("streams").path)
+            if problem is None:
+                if not os.path.exists(self.catalog_path):
+                    create_atomically(self.catalog_path, lambda path: Catalog(path).close())
+                    log.info("created a new catalog {path}", path=self.catalog_path)
+                try:
+                    self._open_and_recover()
+                    break
+                except (NotACatalog, CatalogMismatch) as e:
+                    self._close_catalogs()
+                    problem = str(e)
+            if not self._rebuild_catalog or rebuilt:
+                raise DataDirectoryError(what_to_do(problem))
+            CatalogRebuild(self, self._now_ms()).run(problem)
+            rebuilt = True
+        if self._rebuild_catalog and not rebuilt:
+            log.warn("--rebuild-catalog: the catalog {path} is usable, so nothing was rebuilt",
+                     path=self.catalog_path)
 
-    def _close_storage(self) -> None:
+    def _open_and_recover(self) -> None:
+        self._writer = Catalog(self.catalog_path, create=False)
+        self._reader = Catalog(self.catalog_path, readonly=True, create=False)
+        Recovery(self, self._writer, self._now_ms()).run()
+
+    def _check_catalog(self) -> None:
+        if self._reader is not None and not self._reader.in_place():
+            raise Unavailable(
+                f"The catalog file {self.catalog_path} was deleted or replaced while Loom was "
+                "running: nothing more can be recorded, so new streams and deletions are "
+                "refused. Restart Loom once the catalog is back (or with --rebuild-catalog).")
+
+    def _close_catalogs(self) -> None:
         for catalog in (self._reader, self._writer):
             if catalog is not None:
                 catalog.close()
         self._reader = self._writer = None
+
+    def _close_storage(self) -> None:
+        self._close_catalogs()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -1108,6 +1160,7 @@ class DiskStore(_StoreBase):
         return DataFile(fd, self._fs)
 
     def _thd_create(self, record: StreamRecord, force: bool):
+        self._check_catalog()
         path = self.data_path(record.storage)
         directory = path.parent()
         directory.makedirs(ignoreExistingDirectory=True)
@@ -1151,6 +1204,7 @@ class DiskStore(_StoreBase):
         return storages
 
     def _thd_reopen(self, record: StreamRecord) -> DataFile:
+        self._check_catalog()
         path = self.data_path(record.storage)
         path.parent().makedirs(ignoreExistingDirectory=True)
         fd = self._fs.open(path.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC)
@@ -1178,6 +1232,7 @@ class DiskStore(_StoreBase):
     def check_health(self) -> None:
         if self._reader is None:
             raise Unavailable("The store is not open.")
+        self._check_catalog()
         try:
             self._reader.usable()
         except CatalogError as e:
@@ -1244,13 +1299,36 @@ class Recovery:
         if problems:
             raise CatalogError(f"the catalog {self._catalog.path} is damaged: {problems[0]}")
         clean = self._catalog.get_setting("clean_shutdown") == "1"
+        files = None if clean else self._data_files()
+        if files is not None:
+            self._check_owns_files(files)  # before the first write
         self._catalog.set_setting("clean_shutdown", "0")
-        self._finish_deletes()
+        for storage in self._finish_deletes():
+            if files is not None:
+                files.pop(storage, None)
         self._interrupt_live_streams()
-        if not clean:
-            self._reconcile()
+        if files is not None:
+            self._reconcile(files)
 
-    def _finish_deletes(self) -> None:
+    def _check_owns_files(self, files: dict[str, str]) -> None:
+        """Refuse a catalog that owns none of the data files while some hold data.
+
+        Loom never leaves such a directory (bytes are stored only once a
+        stream's row is committed): it is an empty catalog, or another
+        directory's, and reconciling would quarantine every stream.
+        """
+        owned = {storage for _, storage, _, _ in self._catalog.all_sizes()}
+        if owned & files.keys():
+            return
+        gone = set(self._catalog.pending_deletes())
+        strays = [path for storage, path in files.items()
+                  if storage not in gone and os.stat(path).st_size > 0]
+        if strays:
+            raise CatalogMismatch(
+                f"the catalog {self._catalog.path} lists none of the {len(strays)} data files "
+                f"in {self._store.data_dir.child('streams').path}")
+
+    def _finish_deletes(self) -> list[str]:
         """Files whose rows were deleted (or replaced) before a crash: remove them now."""
         pending = self._catalog.pending_deletes()
         for storage in pending:
@@ -1261,6 +1339,7 @@ class Recovery:
                 pass
         if pending:
             self._catalog.forget_pending_deletes(pending)
+        return pending
 
     def _interrupt_live_streams(self) -> None:
         for record in self._catalog.records_in_state("live"):
@@ -1284,8 +1363,7 @@ class Recovery:
                         files[entry.name[: -len(".data")]] = entry.path
         return files
 
-    def _reconcile(self) -> None:
-        files = self._data_files()
+    def _reconcile(self, files: dict[str, str]) -> None:
         owners = {}
         for stream_id, storage, size, _state in self._catalog.all_sizes():
             owners[stream_id] = storage
@@ -1314,6 +1392,121 @@ class Recovery:
                 log.warn("{path} ({size} bytes, stream {stream_id}) belongs to no stream "
                          "in the catalog: moved to {target}",
                          path=path, size=size, stream_id=stream_id, target=target)
+
+
+class CatalogRebuild:
+    """Makes a new catalog from the data files, for ``--rebuild-catalog``: only what they prove.
+
+    A file in ``streams/`` that holds bytes, is named as Loom names data files
+    and lies in the bucket its name hashes to proves that its stream existed
+    (bytes are stored only after the stream's row was committed) and how many
+    bytes reached the disk. Its metadata and how it ended lived only in the
+    catalog: a rebuilt stream has metadata ``{}`` and is ``interrupted``, with
+    a reason saying so. Empty files are removed (a stream that never got a byte
+    cannot be told from a creation that never finished); files that prove
+    nothing, and the generations of an id found more than once, go to
+    ``quarantine/``. The old catalog files are set aside in ``quarantine/`` too.
+    """
+
+    REASON = ("rebuilt from its data file by --rebuild-catalog: its metadata and how it "
+              "ended were lost")
+
+    def __init__(self, store: DiskStore, now_ms: int):
+        self._store = store
+        self._now_ms = now_ms
+
+    def run(self, problem: str) -> None:
+        log.warn("rebuilding the catalog from the data files: {problem}", problem=problem)
+        self._set_old_catalog_aside()
+        found: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+        unproven, empty = [], 0
+        for path in self._files():
+            storage = os.path.basename(path)[: -len(".data")]
+            stream_id = self._proven_id(storage, path)
+            if stream_id is None:
+                unproven.append(path)
+            elif os.stat(path).st_size == 0:
+                os.unlink(path)
+                empty += 1
+            else:
+                found[stream_id].append((storage, path))
+        records = []
+        for stream_id, generations in sorted(found.items()):
+            if len(generations) > 1:
+                log.warn("stream {stream_id}: {count} data files claim it and none can be "
+                         "proven current; all go to quarantine/", stream_id=stream_id,
+                         count=len(generations))
+                unproven += [path for _, path in generations]
+                continue
+            storage, path = generations[0]
+            status = os.stat(path)
+            at_ms = int(status.st_mtime * 1000)
+            records.append(StreamRecord(
+                id=stream_id, storage=storage, metadata="{}", state=INTERRUPTED,
+                size=status.st_size, created_ms=at_ms, finished_ms=at_ms, reason=self.REASON,
+            ))
+        for path in unproven:
+            self._quarantine(path)
+
+        def make(path: str) -> None:
+            catalog = Catalog(path)
+            try:
+                catalog.insert_all(records)
+            finally:
+                catalog.close()
+
+        create_atomically(self._store.catalog_path, make)
+        shown = ", ".join(record.id for record in records[:20])
+        more = f" and {len(records) - 20} more" if len(records) > 20 else ""
+        log.warn("rebuilt the catalog {path}: {count} streams restored as interrupted, "
+                 "without metadata ({ids}{more}); {empty} empty files removed; {unproven} "
+                 "files moved to quarantine/", path=self._store.catalog_path,
+                 count=len(records), ids=shown or "none", more=more, empty=empty,
+                 unproven=len(unproven))
+
+    def _files(self) -> list[str]:
+        files = []
+        for bucket in os.scandir(self._store.data_dir.child("streams").path):
+            if bucket.is_dir(follow_symlinks=False):
+                for entry in os.scandir(bucket.path):
+                    if entry.name.endswith(".data") and entry.is_file(follow_symlinks=False):
+                        files.append(entry.path)
+        return sorted(files)
+
+    def _proven_id(self, storage: str, path: str) -> str | None:
+        """The stream id the file was made for, if its name and place say so beyond doubt."""
+        encoded, dot, suffix = storage.partition(".")
+        if not dot or len(suffix) != 8 or any(c not in "0123456789abcdef" for c in suffix):
+            return None
+        stream_id = stream_id_of_storage(storage)
+        if stream_id is None:
+            return None
+        try:
+            validate_id(stream_id)
+        except InvalidStreamId:
+            return None
+        if new_storage_name(stream_id).partition(".")[0] != encoded:
+            return None  # not the encoding Loom writes
+        if self._store.data_path(storage).path != path:
+            return None  # not in the bucket its name hashes to
+        return stream_id
+
+    def _quarantine(self, path: str) -> None:
+        self._store.quarantine.makedirs(ignoreExistingDirectory=True)
+        target = self._store.quarantine.child(os.path.basename(path)).path
+        os.rename(path, target)
+        log.warn("{path} ({size} bytes) proves no stream: moved to {target}",
+                 path=path, size=os.stat(target).st_size, target=target)
+
+    def _set_old_catalog_aside(self) -> None:
+        aside = self._store.quarantine.child(f"catalog-{self._now_ms}")
+        for suffix in ("", *CATALOG_COMPANIONS):
+            path = self._store.catalog_path + suffix
+            if os.path.exists(path):
+                aside.makedirs(ignoreExistingDirectory=True)
+                os.rename(path, aside.child(os.path.basename(path)).path)
+                log.warn("the old catalog file {path} is set aside in {aside}",
+                         path=path, aside=aside.path)
 
 
 @implementer(IStreamStore)
