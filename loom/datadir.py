@@ -1,7 +1,8 @@
-"""The data directory as a whole: one server at a time, and a catalog that is
-really there.
+"""The data directory as a whole: one server at a time, a catalog that is really
+there, and room for the catalog's bookkeeping when the disk is full.
 
-Everything here blocks (file-system calls); the store calls it at start-up.
+Everything here blocks (file-system calls); the store calls it at start-up or
+from its catalog thread.
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ import fcntl
 import os
 from typing import Callable
 
+from twisted.logger import Logger
+
+log = Logger()
+
 CATALOG = "catalog.sqlite3"
+RESERVE = "reserve"
 # What SQLite keeps beside the catalog in WAL mode.
 CATALOG_COMPANIONS = ("-wal", "-shm")
 
@@ -160,3 +166,118 @@ def sync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- room for the books on a full disk ------------------------------------------
+
+
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding ``path``."""
+    status = os.statvfs(path)
+    return status.f_bavail * status.f_frsize
+
+
+class SpaceReserve:
+    """A preallocated file Loom deletes so that the catalog can keep its books on a full disk.
+
+    When a bookkeeping commit (how a stream ended, a deletion, the start-up
+    marks) fails on a nearly full disk, the reserve is given up and the commit
+    tried again. While it is spent, no stream data is accepted
+    (``accepts_data`` is False), so the room it freed goes to the catalog and
+    not to the next chunk. It is made again once the file system has room for
+    it twice over. A size of 0 turns all of this off.
+    """
+
+    def __init__(self, path: str, size: int, free: Callable[[], int] | None = None):
+        self.path = path
+        self.size = size
+        self._free = free or (lambda: free_bytes(os.path.dirname(path)))
+        self.held = False
+
+    @property
+    def accepts_data(self) -> bool:
+        return self.held or not self.size
+
+    @property
+    def needed(self) -> int:
+        """Free bytes needed before the reserve is made again."""
+        return 2 * self.size
+
+    def free(self) -> int:
+        return self._free()
+
+    def low(self) -> bool:
+        """Whether the file system is so full that a failed commit is likely for want of room."""
+        return self.size > 0 and self._free() < self.size
+
+    def thd_adopt(self) -> None:
+        """Count a reserve left by an earlier run (at start-up)."""
+        try:
+            os.unlink(self.path + ".new")  # half made when a run died: room for nothing
+        except FileNotFoundError:
+            pass
+        try:
+            self.held = self.size > 0 and os.stat(self.path).st_blocks * 512 >= self.size
+        except FileNotFoundError:
+            self.held = False
+
+    def thd_establish(self) -> bool:
+        """Make the reserve if the disk has room for it twice over; whether it is held."""
+        if self.accepts_data:
+            return True
+        if self._free() < self.needed:
+            return False
+        temporary = self.path + ".new"
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                _allocate(fd, self.size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, self.path)
+        except OSError as e:
+            log.warn("could not make the disk-space reserve {path}: {error}",
+                     path=self.path, error=e.strerror)
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            return False
+        self.held = True
+        return True
+
+    def thd_release(self) -> bool:
+        """Give the reserve up; whether that freed anything."""
+        if not self.held:
+            return False
+        self.held = False
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return False
+        # Some file systems hand freed blocks out again only once the unlink is committed.
+        sync_directory(os.path.dirname(self.path))
+        return True
+
+
+def _allocate(fd: int, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    # No fallocate here: write the bytes. Random, so that a compressing file
+    # system cannot store them in less than ``size``.
+    block = os.urandom(1 << 16)
+    written = 0
+    while written < size:
+        written += os.write(fd, block[: size - written])
+
+
+def describe_size(size: int) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor:
+            return f"{size / factor:g} {unit}"
+    return f"{size} bytes"

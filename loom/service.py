@@ -61,6 +61,7 @@ class LoomService(MultiService):
             crash=crash,
             resume_window=config.resume_window,
             retention=config.retention,
+            reserve=config.storage_reserve,
             rebuild_catalog=rebuild_catalog,
         )
         self.auth = BearerAuth(config.tokens)

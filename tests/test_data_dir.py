@@ -172,7 +172,7 @@ def test_a_fresh_directory_gets_a_whole_catalog(tmp_path):
     assert any("created a new catalog" in line for line in lines)
     assert store.stream_count() == 0
     store._close_storage()
-    assert sorted(os.listdir(tmp_path / "data")) == ["catalog.sqlite3", "streams"]
+    assert sorted(os.listdir(tmp_path / "data")) == ["catalog.sqlite3", "reserve", "streams"]
 
 
 def test_rebuild_catalog_restores_only_what_the_files_prove(used):
