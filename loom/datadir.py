@@ -123,9 +123,9 @@ def catalog_problem(catalog_path: str, streams_dir: str) -> str | None:
     files = stream_file_count(streams_dir)
     if files:
         return f"the catalog {catalog_path} is missing but {streams_dir} holds {files} files"
-    for suffix in CATALOG_COMPANIONS:
-        if os.path.exists(catalog_path + suffix) and os.path.getsize(catalog_path + suffix):
-            return f"the catalog {catalog_path} is missing but its {suffix[1:]} file is not"
+    wal = catalog_path + "-wal"
+    if os.path.exists(wal) and os.path.getsize(wal):
+        return f"the catalog {catalog_path} is missing but its write-ahead log {wal} is not"
     return None
 
 

@@ -175,6 +175,22 @@ def test_a_fresh_directory_gets_a_whole_catalog(tmp_path):
     assert sorted(os.listdir(tmp_path / "data")) == ["catalog.sqlite3", "reserve", "streams"]
 
 
+def test_a_write_ahead_log_without_its_catalog_refuses_to_start(tmp_path):
+    """A catalog's WAL with no catalog may hold commits: refused, though no stream file exists."""
+    data = tmp_path / "data"
+    os.makedirs(data)
+    (data / "catalog.sqlite3-wal").write_bytes(b"frames of commits")
+    _refused(data, "write-ahead log")
+
+
+def test_a_shared_memory_file_alone_is_no_reason_to_refuse(tmp_path):
+    """SQLite's -shm file holds no data: beside no catalog and no streams it is a fresh start."""
+    data = tmp_path / "data"
+    os.makedirs(data)
+    (data / "catalog.sqlite3-shm").write_bytes(b"\0\0\0")
+    assert open_store(data).stream_count() == 0
+
+
 def test_rebuild_catalog_restores_only_what_the_files_prove(used):
     """--rebuild-catalog restores proven streams as interrupted; the rest goes or is quarantined."""
     store = open_store(used)
