@@ -7,13 +7,23 @@ stream marked complete stays complete after a power loss.
 
 Any SQLite failure (disk full, I/O error, corruption) surfaces as
 ``CatalogError``, which the store reports as a storage failure.
+
+Every write first checks that the path still names the file that was opened:
+a catalog deleted or replaced under a running server would otherwise take
+commits that no restart ever sees. A write that keeps the books (how a stream
+ended, a deletion, start-up marks) may ask ``make_room`` for space once when
+it fails, and is tried again if room was made (see loom.datadir.SpaceReserve).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sqlite3
 from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import quote
 
 from loom.errors import StreamExists
 
@@ -81,6 +91,14 @@ class CatalogError(Exception):
     """The catalog database failed (disk full, I/O error, corruption)."""
 
 
+class CatalogGone(CatalogError):
+    """The catalog's path no longer names the file this connection opened."""
+
+
+class NotACatalog(CatalogError):
+    """The file opened as the catalog holds no streams table (empty or not Loom's)."""
+
+
 @dataclass(frozen=True)
 class StreamRecord:
     """A catalog row. ``metadata`` is the stored JSON text; ``reason`` explains an odd state."""
@@ -113,28 +131,102 @@ def _guarded(method):
     return wrapper
 
 
-class Catalog:
-    """A connection to the catalog database at ``path``."""
+def _writes(keeps_books: bool):
+    """A catalog write: refused with CatalogGone once the file was deleted or
+    replaced; if ``keeps_books``, tried once more after ``make_room`` made room."""
 
-    @_guarded
-    def __init__(self, path: str, *, readonly: bool = False):
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            self.check_in_place()
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.Error as e:
+                if not (keeps_books and self._make_room is not None and self._make_room()):
+                    raise CatalogError(f"catalog {method.__name__} failed: {e}") from e
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.Error as e:
+                raise CatalogError(f"catalog {method.__name__} failed: {e}") from e
+
+        return wrapper
+
+    return decorate
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+class Catalog:
+    """A connection to the catalog database at ``path``.
+
+    ``create`` lets SQLite make the file (and the schema) if there is none;
+    without it a missing file fails and a file with no streams table raises
+    NotACatalog. ``immutable`` (read-only) reads the file without SQLite's
+    shared-memory file, for a disk too full to hold one, and is only right
+    when no write-ahead log holds commits. ``make_room`` is asked for space
+    when a bookkeeping write fails.
+    """
+
+    def __init__(self, path: str, *, readonly: bool = False, create: bool = True,
+                 immutable: bool = False, make_room: Callable[[], bool] | None = None):
         self.path = path
+        self._make_room = make_room
+        self._db = None
+        try:
+            self._open(readonly, create, immutable)
+        except sqlite3.Error as e:
+            self.close()
+            raise CatalogError(f"catalog __init__ failed: {e}") from e
+        except CatalogError:
+            self.close()
+            raise
+
+    def _open(self, readonly: bool, create: bool, immutable: bool) -> None:
+        if immutable:
+            mode = "ro&immutable=1"
+        else:
+            mode = "rwc" if create else "rw"
         self._db = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=10.0
+            f"file:{quote(os.path.abspath(self.path))}?mode={mode}", uri=True,
+            isolation_level=None, check_same_thread=False, timeout=10.0,
         )
+        # The file this connection holds: writes stop if the path ever names another.
+        self._identity = _identity(self.path)
         self._db.execute("PRAGMA busy_timeout = 10000")
         if not readonly:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
-            self._migrate()
+            self._migrate(create)
         else:
             self._db.execute("PRAGMA query_only = ON")
+            if not create and not self._has_streams_table():
+                raise NotACatalog(f"the catalog {self.path} holds no streams table")
 
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        exists = self._db.execute(
+    def _has_streams_table(self) -> bool:
+        return self._db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'streams'"
-        ).fetchone()
+        ).fetchone() is not None
+
+    def in_place(self) -> bool:
+        """Whether the catalog's path still names the file this connection opened."""
+        return self._identity is not None and _identity(self.path) == self._identity
+
+    def check_in_place(self) -> None:
+        if not self.in_place():
+            raise CatalogGone(f"the catalog file {self.path} was deleted or replaced "
+                              "while Loom was running")
+
+    def _migrate(self, create: bool) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        exists = self._has_streams_table()
+        if not exists and not create:
+            raise NotACatalog(f"the catalog {self.path} holds no streams table")
         if exists and version < 2:
             # Version 1 had no reason column and no 'damaged' state; SQLite
             # cannot alter a CHECK constraint, so the table is rebuilt.
@@ -158,10 +250,13 @@ class Catalog:
                     "INSERT INTO stream_meta VALUES (?, ?, ?)",
                     [row for stream_id, text in rows for row in meta_rows(stream_id, text)],
                 )
-        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version != SCHEMA_VERSION:
+            # Only when it changes: on a full disk, every needless write can fail.
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
 
     @_guarded
     def get(self, stream_id: str) -> StreamRecord | None:
@@ -182,7 +277,7 @@ class Catalog:
         """(id, storage, size, state) of every stream: what reconciliation checks."""
         return self._db.execute("SELECT id, storage, size, state FROM streams").fetchall()
 
-    @_guarded
+    @_writes(keeps_books=False)
     def insert(self, record: StreamRecord) -> None:
         """Add a new stream; StreamExists if its id is taken."""
         try:
@@ -197,12 +292,23 @@ class Catalog:
                 raise StreamExists(record.id) from None
             raise
 
+    @_writes(keeps_books=False)
+    def insert_all(self, records: list[StreamRecord]) -> None:
+        """Add many new streams in one transaction (a rebuilt catalog)."""
+        with _transaction(self._db):
+            for record in records:
+                self._db.execute(
+                    f"INSERT INTO streams ({_COLUMNS}) VALUES ({_PLACEHOLDERS})",
+                    _values(record),
+                )
+                self._insert_meta(record)
+
     def _insert_meta(self, record: StreamRecord) -> None:
         self._db.executemany(
             "INSERT INTO stream_meta VALUES (?, ?, ?)", meta_rows(record.id, record.metadata)
         )
 
-    @_guarded
+    @_writes(keeps_books=False)
     def replace(self, record: StreamRecord) -> str | None:
         """Put ``record`` in place of any stream with its id, in one transaction.
 
@@ -223,7 +329,7 @@ class Catalog:
             self._insert_meta(record)
         return old.storage if old else None
 
-    @_guarded
+    @_writes(keeps_books=True)
     def finish(
         self,
         stream_id: str,
@@ -241,7 +347,7 @@ class Catalog:
         )
         return cursor.rowcount == 1
 
-    @_guarded
+    @_writes(keeps_books=False)
     def reopen(self, stream_id: str, storage: str) -> bool:
         """A resumed stream is live again; False if the row now belongs to another stream."""
         cursor = self._db.execute(
@@ -251,7 +357,7 @@ class Catalog:
         )
         return cursor.rowcount == 1
 
-    @_guarded
+    @_writes(keeps_books=True)
     def delete(self, streams: list[tuple[str, str]]) -> list[str]:
         """Delete (id, storage) streams in one transaction; return the storages deleted.
 
@@ -275,7 +381,7 @@ class Catalog:
     def pending_deletes(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT storage FROM pending_deletes")]
 
-    @_guarded
+    @_writes(keeps_books=True)
     def forget_pending_deletes(self, storages: list[str]) -> None:
         """The files of ``storages`` are gone."""
         self._db.executemany("DELETE FROM pending_deletes WHERE storage = ?",
@@ -358,7 +464,7 @@ class Catalog:
         row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    @_guarded
+    @_writes(keeps_books=True)
     def set_setting(self, key: str, value: str) -> None:
         self._db.execute(
             "INSERT INTO settings (key, value) VALUES (?, ?) "
@@ -401,5 +507,10 @@ class _transaction:
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind, value, traceback):
-        self._db.execute("ROLLBACK" if kind else "COMMIT")
+        if not kind:
+            self._db.execute("COMMIT")
+        elif self._db.in_transaction:
+            # SQLite may already have rolled back (a full disk does that): then
+            # a ROLLBACK would fail and hide the error that matters.
+            self._db.execute("ROLLBACK")
         return False

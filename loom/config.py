@@ -43,6 +43,7 @@ class Config:
     resume_window: float | None = 30.0
     storage_compress: bool = False
     storage_tail_timeout: float | None = None
+    storage_reserve: int = 8 * 1024 * 1024
 
 
 # --- value parsers: (value, where) -> typed value; `where` names the source ---
@@ -137,6 +138,10 @@ def _size(value: Any, where: str, low: int, high: int) -> int:
 def _stream_limit(value: Any, where: str) -> int | None:
     """A size where 0 means "no limit"."""
     return _size(value, where, 0, 2**62) or None
+
+
+def _reserve(value: Any, where: str) -> int:
+    return _size(value, where, 0, 2**40)
 
 
 def _connection_limit(value: Any, where: str) -> int:
@@ -282,6 +287,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("readerSendBuffer", "LOOM_READER_SEND_BUFFER", _stream_limit,
             "Kernel send buffer of each reader's socket (default 256KiB): a reader that "
             "stops reading holds at most this much. 0 = let the kernel decide."),
+    Setting("storageReserve", "LOOM_STORAGE_RESERVE", _reserve,
+            "Disk space kept in reserve so that ends of streams, deletions and start-up "
+            "can be recorded on a full disk; new data waits until twice this is free "
+            "(default 8MiB; 0 = no reserve)."),
     Setting("storageCompress", "LOOM_STORAGE_COMPRESS", _boolean,
             "Accepted for compatibility with the original service; has no effect."),
     Setting("storageTailTimeout", "LOOM_STORAGE_TAIL_TIMEOUT", _duration,
@@ -432,6 +441,7 @@ def load_config(
             resume_window=values.get("resumeWindow", Config.resume_window),
             storage_compress=values.get("storageCompress", False),
             storage_tail_timeout=values.get("storageTailTimeout"),
+            storage_reserve=values.get("storageReserve", Config.storage_reserve),
         ),
         tuple(warnings),
     )

@@ -6,6 +6,7 @@ import os
 import sqlite3
 
 from loom.catalog import Catalog
+from loom.datadir import DirectoryLock
 from loom.store import DiskStore, InlineRunners, new_storage_name
 
 
@@ -16,6 +17,14 @@ def populate(data_dir: str, count: int, size: int = 64, prefix: str = "stored") 
     hundred thousand streams take seconds, not minutes.
     """
     os.makedirs(os.path.join(data_dir, "streams"), exist_ok=True)
+    lock = DirectoryLock.acquire(data_dir)  # never under a running server
+    try:
+        return _populate(data_dir, count, size, prefix)
+    finally:
+        lock.release()
+
+
+def _populate(data_dir: str, count: int, size: int, prefix: str) -> list[str]:
     Catalog(os.path.join(data_dir, "catalog.sqlite3")).close()  # create the schema
     layout = DiskStore(data_dir, clock=None, runners=InlineRunners())
     ids, rows, made = [], [], set()

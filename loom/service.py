@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 
 from loom.catalog import CatalogError
 from loom.config import Config
+from loom.datadir import DataDirectoryError
 from loom.errors import ConfigError
 from loom.faults import CrashPoints
 from loom.store import DiskStore, ThreadRunners
@@ -66,6 +67,7 @@ class LoomService(MultiService):
         warnings: tuple[str, ...] = (),
         crash: CrashPoints | None = None,
         reload_config=None,
+        rebuild_catalog: bool = False,
     ):
         super().__init__()
         self.config = config
@@ -80,6 +82,8 @@ class LoomService(MultiService):
             crash=crash,
             resume_window=config.resume_window,
             retention=config.retention,
+            reserve=config.storage_reserve,
+            rebuild_catalog=rebuild_catalog,
         )
         self.auth = BearerAuth(config.tokens)
         max_connections, self._files_warning = connection_budget(
@@ -128,6 +132,9 @@ class LoomService(MultiService):
             raise
         try:
             self.store.start()
+        except DataDirectoryError as e:
+            self._stop_listening()
+            raise StartupError(str(e))  # it names the directory or the file itself
         except (OSError, CatalogError) as e:
             self._stop_listening()
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

@@ -31,9 +31,23 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
 
 from loom.buffers import after, before
-from loom.catalog import Catalog, CatalogError, StreamRecord
+from loom.catalog import Catalog, CatalogError, NotACatalog, StreamRecord
+from loom.datadir import (
+    CATALOG,
+    CATALOG_COMPANIONS,
+    RESERVE,
+    DataDirectoryError,
+    DirectoryLock,
+    SpaceReserve,
+    catalog_problem,
+    create_atomically,
+    describe_size,
+    free_bytes,
+    what_to_do,
+)
 from loom.errors import (
     Forbidden,
+    InvalidStreamId,
     OffsetMismatch,
     StorageFailed,
     StreamBusy,
@@ -45,7 +59,7 @@ from loom.errors import (
     Unavailable,
 )
 from loom.faults import CrashPoints, FileSystem
-from loom.ids import IdGenerator
+from loom.ids import IdGenerator, validate_id
 
 log = Logger()
 
@@ -133,14 +147,16 @@ class DataFile:
 
     The file stays open while anyone holds a reference (``acquire`` /
     ``release``), so a follower can finish reading a stream whose file was
-    unlinked by a replace. Every OS call goes through ``fs``.
+    unlinked by a replace. Every OS call goes through ``fs``. Writes are
+    refused while ``room`` (a SpaceReserve) does not accept data.
     """
 
-    def __init__(self, fd: int, fs: FileSystem, directory: str | None = None):
+    def __init__(self, fd: int, fs: FileSystem, directory: str | None = None, room=None):
         self._fd = fd
         self._fs = fs
         self._refs = 1
         self._unsynced_directory = directory
+        self._room = room
 
     def acquire(self) -> DataFile:
         self._refs += 1
@@ -154,6 +170,10 @@ class DataFile:
 
     def write(self, parts: list) -> None:
         """Hand every byte of ``parts`` to the OS, or raise PartialWrite saying how much got there."""
+        if self._room is not None and not self._room.accepts_data:
+            # The disk filled up and its reserve went to the catalog: that room
+            # is for recording how streams end, not for more data.
+            raise PartialWrite(0, OSError(errno.ENOSPC, "the disk is full"))
         written = 0
         while parts:
             try:
@@ -820,6 +840,7 @@ class _StoreBase:
         before the file is gone still ends with the file gone.
         """
         async with self._locked(stream_id):
+            self._check_catalog()  # before cutting anyone off for a deletion that cannot happen
             live = self._live.get(stream_id)
             record = live.record if live else self._unrecorded.get(stream_id)
             if record is None:
@@ -829,7 +850,6 @@ class _StoreBase:
             if live is not None:
                 live.cut(DELETED)
             self._abandon_resume(stream_id)
-            self._unrecorded.pop(stream_id, None)
             try:
                 storages = await self._runners.catalog(
                     self._thd_delete, [(stream_id, record.storage)]
@@ -837,6 +857,9 @@ class _StoreBase:
             except (OSError, CatalogError) as e:
                 self.errors["catalog"] += 1
                 raise StorageFailed(f"Loom could not delete the stream: {_describe(e)}.") from e
+            # Only now: if the delete failed, an end the catalog has not taken
+            # yet must go on being served and retried.
+            self._unrecorded.pop(stream_id, None)
             if not storages:
                 raise StreamNotFound(stream_id)
             log.info("stream {stream_id} deleted", stream_id=stream_id)
@@ -1077,6 +1100,9 @@ class _StoreBase:
     def check_health(self) -> None:
         """Raise Unavailable unless streams can be read and written."""
 
+    def _check_catalog(self) -> None:
+        """Raise Unavailable if the catalog can record nothing more (it was deleted)."""
+
 
 RETENTION_EVERY = 60.0  # seconds between retention sweeps
 # How long a live stream's producer must have been silent before another
@@ -1146,24 +1172,49 @@ def stream_id_of_storage(storage: str) -> str | None:
         return None
 
 
+DEFAULT_RESERVE = 8 * 1024 * 1024
+ROOM_EVERY = 1.0  # seconds between looks for disk space while the disk is full
+# With less free space than this (or than the reserve), a failed start-up
+# write is taken for a full disk rather than a broken catalog.
+_NEARLY_FULL = 1024 * 1024
+INTERRUPTED_REASON = "Loom stopped while the stream was live"
+
+
+class CatalogMismatch(CatalogError):
+    """The catalog owns none of the data files: it is not this directory's catalog."""
+
+
 @implementer(IStreamStore)
 class DiskStore(_StoreBase):
     """Streams in ``<data_dir>/streams/<xx>/<storage>.data`` with a SQLite catalog.
 
     ``fs`` and ``crash`` are the fault-injection seams (see loom.faults).
+    ``reserve`` is the size in bytes of the disk-space reserve (0: none, see
+    loom.datadir.SpaceReserve). ``rebuild_catalog`` lets start-up rebuild a
+    missing, empty or foreign catalog from the data files (CatalogRebuild)
+    where it would otherwise refuse to start.
     """
 
     def __init__(self, data_dir: str, clock, runners: Runners, fs: FileSystem | None = None,
-                 **options):
+                 reserve: int = DEFAULT_RESERVE, rebuild_catalog: bool = False, **options):
         super().__init__(clock, runners, **options)
         self.data_dir = FilePath(os.path.abspath(data_dir))
         self._fs = fs or FileSystem()
         self._writer: Catalog | None = None
         self._reader: Catalog | None = None
+        self._lock: DirectoryLock | None = None
+        self.reserve = SpaceReserve(self.data_dir.child(RESERVE).path, reserve)
+        self._rebuild_catalog = rebuild_catalog
+        # While start-up's own writes wait for room on a full disk: why. Reads
+        # are served meanwhile; nothing is created or resumed.
+        self._waiting_for_room: str | None = None
+        self._start_up_ends: dict[str, StreamRecord] = {}
+        self._immutable_reader = False
+        self._room_loop: LoopingCall | None = None
 
     @property
     def catalog_path(self) -> str:
-        return self.data_dir.child("catalog.sqlite3").path
+        return self.data_dir.child(CATALOG).path
 
     @property
     def quarantine(self) -> FilePath:
@@ -1174,18 +1225,225 @@ class DiskStore(_StoreBase):
         bucket = hashlib.sha256(storage.encode("ascii")).hexdigest()[:2]
         return self.data_dir.child("streams").child(bucket).child(storage + ".data")
 
-    def _open_storage(self) -> None:
-        self.data_dir.child("streams").makedirs(ignoreExistingDirectory=True)
-        self._writer = Catalog(self.catalog_path)
-        self._reader = Catalog(self.catalog_path, readonly=True)
-        recovery = Recovery(self, self._writer, self._now_ms())
-        recovery.run()
+    # life cycle
 
-    def _close_storage(self) -> None:
+    def start(self) -> None:
+        super().start()
+        self._room_loop = LoopingCall(self._look_for_room)
+        self._room_loop.clock = self._clock
+        self._room_loop.start(ROOM_EVERY, now=False).addErrback(
+            lambda f: log.failure("looking for disk space failed", f))
+
+    async def stop(self) -> None:
+        if self._room_loop is not None and self._room_loop.running:
+            self._room_loop.stop()
+        await super().stop()
+
+    def _open_storage(self) -> None:
+        self.data_dir.makedirs(ignoreExistingDirectory=True)
+        # Before anything reads or changes the catalog or the files: a second
+        # server on this directory would take the first one's live streams
+        # for a crash's leftovers.
+        self._lock = DirectoryLock.acquire(self.data_dir.path)
+        self.data_dir.child("streams").makedirs(ignoreExistingDirectory=True)
+        self.reserve.thd_adopt()
+        if self.reserve.low():
+            self._thd_make_room()  # opening the catalog and start-up's marks need room
+        rebuilt = False
+        while True:
+            problem = catalog_problem(self.catalog_path, self.data_dir.child("streams").path)
+            if problem is None:
+                if not os.path.exists(self.catalog_path):
+                    create_atomically(self.catalog_path, lambda path: Catalog(path).close())
+                    log.info("created a new catalog {path}", path=self.catalog_path)
+                try:
+                    self._open_and_recover()
+                    break
+                except (NotACatalog, CatalogMismatch) as e:
+                    self._close_catalogs()
+                    problem = str(e)
+            if not self._rebuild_catalog or rebuilt:
+                raise DataDirectoryError(what_to_do(problem))
+            CatalogRebuild(self, self._now_ms()).run(problem)
+            rebuilt = True
+        if self._rebuild_catalog and not rebuilt:
+            log.warn("--rebuild-catalog: the catalog {path} is usable, so nothing was rebuilt",
+                     path=self.catalog_path)
+        if self._waiting_for_room is None and not self.reserve.thd_establish():
+            log.warn("the disk holding {data_dir} has {free} free: new data is refused until "
+                     "{needed} are free (the reserve: storageReserve)",
+                     data_dir=self.data_dir.path, free=describe_size(self.reserve.free()),
+                     needed=describe_size(self.reserve.needed))
+
+    def _open_and_recover(self) -> None:
+        try:
+            self._writer = self._open_writer()
+            self._reader = Catalog(self.catalog_path, readonly=True, create=False)
+            Recovery(self, self._writer, self._now_ms()).run()
+        except (NotACatalog, CatalogMismatch):
+            raise
+        except (CatalogError, OSError) as e:
+            # (OSError: reconciliation moves files, and a directory takes room too.)
+            if free_bytes(self.data_dir.path) >= max(self.reserve.size, _NEARLY_FULL):
+                raise
+            self._wait_for_room(e)
+
+    def _open_writer(self) -> Catalog:
+        return Catalog(self.catalog_path, create=False, make_room=self._thd_make_room)
+
+    def _wait_for_room(self, error: Exception) -> None:
+        """Start-up cannot write for want of room: serve reads, and finish once there is room.
+
+        Streams the catalog still calls live are served as interrupted from
+        memory until the catalog can say so. Nothing is created or resumed
+        meanwhile, and no clean shutdown is recorded: a crash now leaves the
+        catalog just as a crash before this start did.
+        """
+        if self._reader is None:
+            self._reader = self._open_reader_without_room(error)
+        problems = self._reader.integrity_problems()
+        if problems:
+            raise CatalogError(f"the catalog {self.catalog_path} is damaged: {problems[0]}")
+        now = self._now_ms()
+        for record in self._reader.records_in_state("live"):
+            try:
+                size = self.data_path(record.storage).getsize()
+            except OSError:
+                size = 0
+            ended = replace(record, state=INTERRUPTED, size=size, finished_ms=now,
+                            reason=INTERRUPTED_REASON)
+            self._unrecorded[record.id] = self._start_up_ends[record.id] = ended
+        self._waiting_for_room = f"the disk is full ({_describe(error)})"
+        log.warn("the disk holding {data_dir} is full ({error}): Loom serves reads only, and "
+                 "finishes starting once there is room", data_dir=self.data_dir.path,
+                 error=_describe(error))
+
+    def _open_reader_without_room(self, error: Exception) -> Catalog:
+        try:
+            return Catalog(self.catalog_path, readonly=True, create=False)
+        except CatalogError:
+            pass
+        # No room even for SQLite's shared-memory file. Reading the file as it
+        # is is right only if no write-ahead log holds commits it lacks.
+        wal = self.catalog_path + "-wal"
+        if os.path.exists(wal) and os.path.getsize(wal) > 0:
+            raise CatalogError(f"the disk is full and the catalog cannot be opened: {error}")
+        self._immutable_reader = True
+        return Catalog(self.catalog_path, readonly=True, create=False, immutable=True)
+
+    def _look_for_room(self):
+        """Every second while the disk is full: finish starting, or make the reserve again."""
+        if self._reader is None:
+            return None
+        if self._waiting_for_room is not None:
+            d = self._runners.catalog(self._thd_finish_starting)
+            d.addCallback(self._finished_starting)
+        elif not self.reserve.accepts_data:
+            d = self._runners.catalog(self._thd_restore_reserve)
+        else:
+            return None
+        return d.addErrback(lambda f: log.failure("looking for disk space failed", f))
+
+    def _thd_finish_starting(self):
+        """Try start-up's writes again: (writer, reader) to swap in, "done", or None (no room)."""
+        if self._writer is None:
+            try:
+                writer = self._open_writer()
+            except CatalogError:
+                return None
+            reader = None
+            if self._immutable_reader:
+                try:
+                    reader = Catalog(self.catalog_path, readonly=True, create=False)
+                except CatalogError:
+                    writer.close()
+                    return None
+            return writer, reader
+        try:
+            Recovery(self, self._writer, self._now_ms()).run()
+        except CatalogMismatch as e:
+            self._waiting_for_room = what_to_do(str(e))
+            log.error("cannot finish starting: {problem}", problem=self._waiting_for_room)
+            return None
+        except (CatalogError, OSError):
+            return None
+        self._thd_restore_reserve()
+        return "done"
+
+    def _finished_starting(self, outcome):
+        if outcome is None:
+            return None
+        if outcome != "done":
+            writer, reader = outcome
+            if self._reader is None:  # stopped meanwhile
+                for catalog in outcome:
+                    if catalog is not None:
+                        catalog.close()
+                return None
+            # Swapped here, on the thread that reads through it; then the marks at once.
+            self._writer = writer
+            if reader is not None:
+                old, self._reader = self._reader, reader
+                old.close()
+                self._immutable_reader = False
+            return self._runners.catalog(self._thd_finish_starting).addCallback(
+                self._finished_starting)
+        self._waiting_for_room = None
+        for stream_id, record in self._start_up_ends.items():
+            if self._unrecorded.get(stream_id) is record:
+                del self._unrecorded[stream_id]
+        self._start_up_ends = {}
+        log.info("there is room on the disk again: start-up is finished, new streams are accepted")
+        return None
+
+    def _thd_make_room(self) -> bool:
+        """A bookkeeping commit failed: if the disk is full, give up the reserve so it can work."""
+        if not self.reserve.low() or not self.reserve.thd_release():
+            return False
+        log.warn("the disk holding {data_dir} is full: Loom gave up its {size} reserve so that "
+                 "the catalog can record how streams end and what is deleted; new data is "
+                 "refused until {needed} are free", data_dir=self.data_dir.path,
+                 size=describe_size(self.reserve.size), needed=describe_size(self.reserve.needed))
+        return True
+
+    def _thd_restore_reserve(self) -> None:
+        if not self.reserve.accepts_data and self.reserve.thd_establish():
+            log.info("there is room on the disk again: the reserve is made again and new data "
+                     "is accepted")
+
+    def _check_catalog(self) -> None:
+        if self._reader is not None and not self._reader.in_place():
+            raise Unavailable(
+                f"The catalog file {self.catalog_path} was deleted or replaced while Loom was "
+                "running: nothing more can be recorded, so new streams and deletions are "
+                "refused. Restart Loom once the catalog is back (or with --rebuild-catalog).")
+
+    def _thd_check_can_store(self) -> None:
+        """Raise unless a stream's data may be stored now: catalog in place, start-up done, room."""
+        self._check_catalog()
+        if self._waiting_for_room is not None:
+            raise OSError(errno.ENOSPC, "the disk is full and Loom has not finished starting")
+        self._thd_restore_reserve()
+        if not self.reserve.accepts_data:
+            raise OSError(errno.ENOSPC, "the disk is full; new data is accepted again once "
+                          f"{describe_size(self.reserve.needed)} are free")
+
+    def _thd_writer(self) -> Catalog:
+        if self._writer is None:
+            raise CatalogError(self._waiting_for_room or "the catalog is not open")
+        return self._writer
+
+    def _close_catalogs(self) -> None:
         for catalog in (self._reader, self._writer):
             if catalog is not None:
                 catalog.close()
         self._reader = self._writer = None
+
+    def _close_storage(self) -> None:
+        self._close_catalogs()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _get_record(self, stream_id: str) -> StreamRecord | None:
         return self._reader.get(stream_id)
@@ -1203,6 +1461,8 @@ class DiskStore(_StoreBase):
         return DataFile(fd, self._fs)
 
     def _thd_create(self, record: StreamRecord, force: bool):
+        self._thd_check_can_store()
+        writer = self._thd_writer()
         path = self.data_path(record.storage)
         directory = path.parent()
         directory.makedirs(ignoreExistingDirectory=True)
@@ -1212,9 +1472,9 @@ class DiskStore(_StoreBase):
         self._crash.reached("file-created")
         try:
             if force:
-                replaced = self._writer.replace(record)
+                replaced = writer.replace(record)
             else:
-                self._writer.insert(record)
+                writer.insert(record)
                 replaced = None
         except BaseException:
             self._fs.close(fd)
@@ -1223,10 +1483,10 @@ class DiskStore(_StoreBase):
             except OSError:
                 pass  # an orphan: reconciliation removes it
             raise
-        return DataFile(fd, self._fs, directory.path), replaced
+        return DataFile(fd, self._fs, directory.path, self.reserve), replaced
 
     def _thd_record_end(self, record, state, size, at_ms, reason) -> bool:
-        return self._writer.finish(record.id, record.storage, state, size, at_ms, reason)
+        return self._thd_writer().finish(record.id, record.storage, state, size, at_ms, reason)
 
     def _thd_remove_data(self, storages: list[str]) -> None:
         """Remove the files of ``storages`` (pending deletes), then forget them."""
@@ -1235,32 +1495,42 @@ class DiskStore(_StoreBase):
                 self._fs.unlink(self.data_path(storage).path)
             except FileNotFoundError:
                 pass
-        self._writer.forget_pending_deletes(storages)
+        self._thd_writer().forget_pending_deletes(storages)
 
     def _thd_mark_clean_shutdown(self) -> None:
-        self._writer.set_setting("clean_shutdown", "1")
+        if self._waiting_for_room is not None:
+            # Start-up's marks (and maybe its reconciliation) are still to do.
+            raise CatalogError(f"start-up never finished: {self._waiting_for_room}")
+        self._thd_writer().set_setting("clean_shutdown", "1")
 
     def _thd_delete(self, streams: list[tuple[str, str]]) -> list[str]:
-        storages = self._writer.delete(streams)
-        self._thd_remove_data(storages)
+        storages = self._thd_writer().delete(streams)
+        try:
+            self._thd_remove_data(storages)
+        except CatalogError as e:
+            # Rows and files are gone; only their pending-delete notes stay,
+            # and the next start drops those.
+            log.warn("deleted streams' notes could not be dropped: {error}", error=e)
+        self._thd_restore_reserve()  # a deletion is how a full disk gets room again
         return storages
 
     def _thd_reopen(self, record: StreamRecord) -> DataFile:
+        self._thd_check_can_store()
         path = self.data_path(record.storage)
         path.parent().makedirs(ignoreExistingDirectory=True)
         fd = self._fs.open(path.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC)
         try:
             # Bytes beyond the recorded size were never part of the stream.
             os.ftruncate(fd, record.size)
-            if not self._writer.reopen(record.id, record.storage):
+            if not self._thd_writer().reopen(record.id, record.storage):
                 raise StreamNotFound(record.id)
         except BaseException:
             self._fs.close(fd)
             raise
-        return DataFile(fd, self._fs, path.parent().path)
+        return DataFile(fd, self._fs, path.parent().path, self.reserve)
 
     def _thd_expire(self, before_ms: int, limit: int) -> list[str]:
-        expired = self._writer.expired(before_ms, limit)
+        expired = self._thd_writer().expired(before_ms, limit)
         self._thd_delete(expired)
         return [stream_id for stream_id, _ in expired]
 
@@ -1273,13 +1543,20 @@ class DiskStore(_StoreBase):
     def check_health(self) -> None:
         if self._reader is None:
             raise Unavailable("The store is not open.")
+        self._check_catalog()
         try:
             self._reader.usable()
         except CatalogError as e:
             raise Unavailable(f"The catalog cannot be read: {e}") from e
+        if self._waiting_for_room is not None:
+            raise Unavailable(f"Loom serves reads only: it could not finish starting "
+                              f"({self._waiting_for_room}).")
         streams = self.data_dir.child("streams").path
         if not os.access(streams, os.W_OK | os.X_OK):
             raise Unavailable(f"The data directory {streams} is not writable.")
+        if not self.reserve.accepts_data:
+            raise Unavailable("The data directory's file system is full: new data is refused "
+                              f"until {describe_size(self.reserve.needed)} are free.")
         if os.statvfs(streams).f_bavail == 0:
             raise Unavailable("The data directory's file system is full.")
 
@@ -1338,14 +1615,39 @@ class Recovery:
         problems = self._catalog.integrity_problems()
         if problems:
             raise CatalogError(f"the catalog {self._catalog.path} is damaged: {problems[0]}")
-        clean = self._catalog.get_setting("clean_shutdown") == "1"
-        self._catalog.set_setting("clean_shutdown", "0")
-        self._finish_deletes()
+        marker = self._catalog.get_setting("clean_shutdown")
+        clean = marker == "1"
+        files = None if clean else self._data_files()
+        if files is not None:
+            self._check_owns_files(files)  # before the first write
+        if marker != "0":  # a needless write can fail on a full disk
+            self._catalog.set_setting("clean_shutdown", "0")
+        for storage in self._finish_deletes():
+            if files is not None:
+                files.pop(storage, None)
         self._interrupt_live_streams()
-        if not clean:
-            self._reconcile()
+        if files is not None:
+            self._reconcile(files)
 
-    def _finish_deletes(self) -> None:
+    def _check_owns_files(self, files: dict[str, str]) -> None:
+        """Refuse a catalog that owns none of the data files while some hold data.
+
+        Loom never leaves such a directory (bytes are stored only once a
+        stream's row is committed): it is an empty catalog, or another
+        directory's, and reconciling would quarantine every stream.
+        """
+        owned = {storage for _, storage, _, _ in self._catalog.all_sizes()}
+        if owned & files.keys():
+            return
+        gone = set(self._catalog.pending_deletes())
+        strays = [path for storage, path in files.items()
+                  if storage not in gone and os.stat(path).st_size > 0]
+        if strays:
+            raise CatalogMismatch(
+                f"the catalog {self._catalog.path} lists none of the {len(strays)} data files "
+                f"in {self._store.data_dir.child('streams').path}")
+
+    def _finish_deletes(self) -> list[str]:
         """Files whose rows were deleted (or replaced) before a crash: remove them now."""
         pending = self._catalog.pending_deletes()
         for storage in pending:
@@ -1356,6 +1658,7 @@ class Recovery:
                 pass
         if pending:
             self._catalog.forget_pending_deletes(pending)
+        return pending
 
     def _interrupt_live_streams(self) -> None:
         for record in self._catalog.records_in_state("live"):
@@ -1366,7 +1669,7 @@ class Recovery:
                 log.warn("stream {stream_id} was live but its data file is missing",
                          stream_id=record.id)
             self._catalog.finish(record.id, record.storage, INTERRUPTED, size, self._now_ms,
-                                 "Loom stopped while the stream was live")
+                                 INTERRUPTED_REASON)
             log.info("stream {stream_id} was live when Loom stopped: now interrupted, "
                      "{size} bytes", stream_id=record.id, size=size)
 
@@ -1379,8 +1682,7 @@ class Recovery:
                         files[entry.name[: -len(".data")]] = entry.path
         return files
 
-    def _reconcile(self) -> None:
-        files = self._data_files()
+    def _reconcile(self, files: dict[str, str]) -> None:
         owners = {}
         for stream_id, storage, size, _state in self._catalog.all_sizes():
             owners[stream_id] = storage
@@ -1409,6 +1711,121 @@ class Recovery:
                 log.warn("{path} ({size} bytes, stream {stream_id}) belongs to no stream "
                          "in the catalog: moved to {target}",
                          path=path, size=size, stream_id=stream_id, target=target)
+
+
+class CatalogRebuild:
+    """Makes a new catalog from the data files, for ``--rebuild-catalog``: only what they prove.
+
+    A file in ``streams/`` that holds bytes, is named as Loom names data files
+    and lies in the bucket its name hashes to proves that its stream existed
+    (bytes are stored only after the stream's row was committed) and how many
+    bytes reached the disk. Its metadata and how it ended lived only in the
+    catalog: a rebuilt stream has metadata ``{}`` and is ``interrupted``, with
+    a reason saying so. Empty files are removed (a stream that never got a byte
+    cannot be told from a creation that never finished); files that prove
+    nothing, and the generations of an id found more than once, go to
+    ``quarantine/``. The old catalog files are set aside in ``quarantine/`` too.
+    """
+
+    REASON = ("rebuilt from its data file by --rebuild-catalog: its metadata and how it "
+              "ended were lost")
+
+    def __init__(self, store: DiskStore, now_ms: int):
+        self._store = store
+        self._now_ms = now_ms
+
+    def run(self, problem: str) -> None:
+        log.warn("rebuilding the catalog from the data files: {problem}", problem=problem)
+        self._set_old_catalog_aside()
+        found: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+        unproven, empty = [], 0
+        for path in self._files():
+            storage = os.path.basename(path)[: -len(".data")]
+            stream_id = self._proven_id(storage, path)
+            if stream_id is None:
+                unproven.append(path)
+            elif os.stat(path).st_size == 0:
+                os.unlink(path)
+                empty += 1
+            else:
+                found[stream_id].append((storage, path))
+        records = []
+        for stream_id, generations in sorted(found.items()):
+            if len(generations) > 1:
+                log.warn("stream {stream_id}: {count} data files claim it and none can be "
+                         "proven current; all go to quarantine/", stream_id=stream_id,
+                         count=len(generations))
+                unproven += [path for _, path in generations]
+                continue
+            storage, path = generations[0]
+            status = os.stat(path)
+            at_ms = int(status.st_mtime * 1000)
+            records.append(StreamRecord(
+                id=stream_id, storage=storage, metadata="{}", state=INTERRUPTED,
+                size=status.st_size, created_ms=at_ms, finished_ms=at_ms, reason=self.REASON,
+            ))
+        for path in unproven:
+            self._quarantine(path)
+
+        def make(path: str) -> None:
+            catalog = Catalog(path)
+            try:
+                catalog.insert_all(records)
+            finally:
+                catalog.close()
+
+        create_atomically(self._store.catalog_path, make)
+        shown = ", ".join(record.id for record in records[:20])
+        more = f" and {len(records) - 20} more" if len(records) > 20 else ""
+        log.warn("rebuilt the catalog {path}: {count} streams restored as interrupted, "
+                 "without metadata ({ids}{more}); {empty} empty files removed; {unproven} "
+                 "files moved to quarantine/", path=self._store.catalog_path,
+                 count=len(records), ids=shown or "none", more=more, empty=empty,
+                 unproven=len(unproven))
+
+    def _files(self) -> list[str]:
+        files = []
+        for bucket in os.scandir(self._store.data_dir.child("streams").path):
+            if bucket.is_dir(follow_symlinks=False):
+                for entry in os.scandir(bucket.path):
+                    if entry.name.endswith(".data") and entry.is_file(follow_symlinks=False):
+                        files.append(entry.path)
+        return sorted(files)
+
+    def _proven_id(self, storage: str, path: str) -> str | None:
+        """The stream id the file was made for, if its name and place say so beyond doubt."""
+        encoded, dot, suffix = storage.partition(".")
+        if not dot or len(suffix) != 8 or any(c not in "0123456789abcdef" for c in suffix):
+            return None
+        stream_id = stream_id_of_storage(storage)
+        if stream_id is None:
+            return None
+        try:
+            validate_id(stream_id)
+        except InvalidStreamId:
+            return None
+        if new_storage_name(stream_id).partition(".")[0] != encoded:
+            return None  # not the encoding Loom writes
+        if self._store.data_path(storage).path != path:
+            return None  # not in the bucket its name hashes to
+        return stream_id
+
+    def _quarantine(self, path: str) -> None:
+        self._store.quarantine.makedirs(ignoreExistingDirectory=True)
+        target = self._store.quarantine.child(os.path.basename(path)).path
+        os.rename(path, target)
+        log.warn("{path} ({size} bytes) proves no stream: moved to {target}",
+                 path=path, size=os.stat(target).st_size, target=target)
+
+    def _set_old_catalog_aside(self) -> None:
+        aside = self._store.quarantine.child(f"catalog-{self._now_ms}")
+        for suffix in ("", *CATALOG_COMPANIONS):
+            path = self._store.catalog_path + suffix
+            if os.path.exists(path):
+                aside.makedirs(ignoreExistingDirectory=True)
+                os.rename(path, aside.child(os.path.basename(path)).path)
+                log.warn("the old catalog file {path} is set aside in {aside}",
+                         path=path, aside=aside.path)
 
 
 @implementer(IStreamStore)

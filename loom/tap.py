@@ -36,6 +36,12 @@ class Options(usage.Options):
         ["data-dir", None, None, "Directory for the catalog and stream data [default: ./data]."],
         ["fsync", None, None, "When to fsync stream data: always, interval or never."],
     ]
+    optFlags = [
+        ["rebuild-catalog", None,
+         "If the catalog is missing, empty or lists none of the data files, rebuild it from "
+         "the data files (streams come back interrupted, without metadata) instead of "
+         "refusing to start. For this one start; the old catalog is kept in quarantine/."],
+    ]
 
     def __init__(self):
         super().__init__()
@@ -115,6 +121,7 @@ def makeService(options: Options) -> LoomService:
         warnings=loaded.warnings,
         crash=crash_points_from(os.environ.get("LOOM_CRASH_AT")),
         reload_config=load,
+        rebuild_catalog=bool(options["rebuild-catalog"]),
     )
 
 

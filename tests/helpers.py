@@ -6,6 +6,7 @@ guard against a hung test.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -414,6 +415,40 @@ async def start_server_process(data_dir: str, *args: str, cwd: str | None = None
     return ServerProcess(process, int(match.group(1)), str(data_dir))
 
 
+
+
+def mount_tmpfs(path, size: str) -> bool:
+    """Mount a tmpfs of ``size`` at ``path``; False where that is not allowed (not root)."""
+    import subprocess
+
+    os.makedirs(path, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                            capture_output=True)
+    return result.returncode == 0
+
+
+def unmount(path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+def fill_up(directory, name: str = "filler") -> str:
+    """Write a file in ``directory`` until not one more byte fits; return its path."""
+    path = os.path.join(str(directory), name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    block = b"\0" * 65536
+    try:
+        while block:
+            try:
+                os.write(fd, block)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                block = block[: len(block) // 2]
+    finally:
+        os.close(fd)
+    return path
 
 
 def json_body(body: bytes) -> dict:

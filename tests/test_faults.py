@@ -15,10 +15,12 @@ from twisted.web.client import ResponseFailed
 
 from loom.store import DiskStore, InlineRunners
 from tests.helpers import (
+    FaultyFileSystem,
+    child_environment,
     chunk,
     cut_off,
-    FaultyFileSystem,
     make_fake_site,
+    mount_tmpfs,
     parse_response,
     raw_connect,
     start_producer,
@@ -26,6 +28,8 @@ from tests.helpers import (
 )
 
 GONE = Failure(ConnectionDone())
+# A reserve that fits a 4 MiB tmpfs (the default, 8 MiB, would not).
+SMALL_RESERVE = child_environment(LOOM_STORAGE_RESERVE="256KiB")
 CHUNKS_1 = [b"p1-chunk-%02d;" % i for i in range(10)]
 CHUNKS_2 = [b"p2-%d;" % i for i in range(4)]
 
@@ -140,11 +144,7 @@ def test_every_write_sync_and_create_failing_in_turn_keeps_the_promises(tmp_path
     print(f"{scenarios} fault scenarios, all invariants held")
 
 
-def _mount_tmpfs(path, size: str) -> bool:
-    os.makedirs(path, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                            capture_output=True)
-    return result.returncode == 0
+_mount_tmpfs = mount_tmpfs
 
 
 @pytest_twisted.ensureDeferred
@@ -154,7 +154,7 @@ async def test_a_really_full_file_system(tmp_path):
     if not _mount_tmpfs(mount, "4m"):
         pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
     try:
-        server = await start_server_process(mount / "data")
+        server = await start_server_process(mount / "data", env=SMALL_RESERVE)
         try:
             big = await _fill_and_recover(server, mount)
         finally:
@@ -162,7 +162,7 @@ async def test_a_really_full_file_system(tmp_path):
         log = server.process.text()
         assert "Unhandled" not in log and "Traceback" not in log, log[-2000:]
         # After a restart the aborted stream still holds exactly its stored bytes.
-        restarted = await start_server_process(mount / "data")
+        restarted = await start_server_process(mount / "data", env=SMALL_RESERVE)
         try:
             response = await treq.get(restarted.url + "/stream/big")
             assert await response.content() == big

@@ -45,11 +45,16 @@ class Stores:
         self.clock.advance(1_800_000_000)
         self.fsync = fsync
         self._memory = ({}, {})
+        self._disk = None
 
     def make(self):
         if self.kind == "disk":
-            store = DiskStore(str(self.tmp_path / "data"), self.clock, InlineRunners(),
-                              fsync=self.fsync)
+            if self._disk is not None:
+                # The previous store's process is gone (as after kill -9): its
+                # files and its lock on the directory go with it.
+                self._disk._close_storage()
+            store = self._disk = DiskStore(str(self.tmp_path / "data"), self.clock,
+                                           InlineRunners(), fsync=self.fsync)
         else:
             records, files = self._memory
             store = MemoryStore(self.clock, fsync=self.fsync, records=records, files=files)
