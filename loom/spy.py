@@ -190,6 +190,9 @@ class Spy(StallingPushProducer):
         self._max_lag = max_lag
         self._cursors: dict[LiveStream, _Cursor] = {}
         self._ready: dict[LiveStream, None] = {}  # cursors with something to do, in order
+        # Streams whose partial line is held, in the order those lines began: the
+        # first is the next to show, so nothing here walks every stream.
+        self._held: dict[LiveStream, None] = {}
         self._queued: list[bytes] = []  # lines waiting for the next write
         self._paused = False
         self._stopped = False
@@ -219,6 +222,7 @@ class Spy(StallingPushProducer):
             cursor.handle.close()
         self._cursors.clear()
         self._ready.clear()
+        self._held.clear()
         self._queued.clear()
         self._cancel_flush()
         self._stall.cancel()
@@ -235,9 +239,24 @@ class Spy(StallingPushProducer):
         self._pump()
 
     def stream_grew(self, stream: LiveStream, start: int, parts: list, size: int) -> None:
-        if stream in self._cursors:
-            self._ready[stream] = None
-            self._pump()
+        cursor = self._cursors.get(stream)
+        if cursor is None:
+            return
+        if (cursor.offset == start and not self._paused and not self._pumping
+                and stream not in self._ready):
+            # Caught up: frame the fresh bytes as they are, without reading the file.
+            # The work is this stream's alone, whatever the number of streams.
+            cursor.offset += size
+            out = self._queued
+            self._queued = []
+            self._feed(stream, cursor, parts[0] if len(parts) == 1 else b"".join(parts), out)
+            if out:
+                block = b"".join(out)
+                self._sink.write([block], len(block))
+            self._schedule_flush()
+            return
+        self._ready[stream] = None
+        self._pump()
 
     def stream_ended(self, stream: LiveStream) -> None:
         cursor = self._cursors.get(stream)
@@ -303,8 +322,7 @@ class Spy(StallingPushProducer):
             data = cursor.handle.read(cursor.offset, min(READ_SIZE, behind))
             if data:
                 cursor.offset += len(data)
-                for line in cursor.framer.feed(data):
-                    out.append(self._format.data(stream.id, line))
+                self._feed(stream, cursor, data, out)
                 if cursor.offset < limit:
                     return len(data)
             else:
@@ -325,11 +343,13 @@ class Spy(StallingPushProducer):
         newline = tail.rfind(b"\n")
         target = tail_start + newline + 1 if newline >= 0 else limit
         dropped = cursor.framer.take_partial() or b""
+        self._held.pop(stream, None)
         out.append(self._format.skip(stream.id, target - cursor.offset + len(dropped)))
         cursor.offset = target
 
     def _finish(self, stream: LiveStream, cursor: _Cursor, out: list[bytes]) -> None:
         partial = cursor.framer.take_partial()
+        self._held.pop(stream, None)
         if partial is not None:
             out.append(self._format.data(stream.id, partial))
         out.append(self._format.end(stream.id, stream.outcome, stream.size))
@@ -338,21 +358,28 @@ class Spy(StallingPushProducer):
         del self._cursors[stream]
         self._format.release(stream.id)
 
+    def _feed(self, stream: LiveStream, cursor: _Cursor, data, out: list[bytes]) -> None:
+        """Frame ``data`` (the next bytes of ``stream``) into lines in ``out``."""
+        before = cursor.framer.partial_since
+        for line in cursor.framer.feed(bytes(data)):
+            out.append(self._format.data(stream.id, line))
+        since = cursor.framer.partial_since
+        if since != before:  # a partial line began or ended: keep _held in order
+            self._held.pop(stream, None)
+            if since is not None:
+                self._held[stream] = None
+
     def _schedule_flush(self) -> None:
         """Arrange for held partial lines to be shown after about a second."""
         if self._stopped or self._paused:
             return
-        oldest = min(
-            (c.framer.partial_since for c in self._cursors.values()
-             if c.framer.partial_since is not None),
-            default=None,
-        )
-        if oldest is None:
+        if not self._held:
             self._cancel_flush()
             return
-        due = max(0.0, oldest + PARTIAL_SECONDS - self._clock.seconds())
         if self._flush_call is not None and self._flush_call.active():
             return
+        oldest = self._cursors[next(iter(self._held))].framer.partial_since
+        due = max(0.0, oldest + PARTIAL_SECONDS - self._clock.seconds())
         self._flush_call = self._clock.callLater(due, self._flush_partials)
 
     def _flush_partials(self) -> None:
@@ -360,12 +387,14 @@ class Spy(StallingPushProducer):
         if self._stopped:
             return
         now = self._clock.seconds()
-        for stream, cursor in self._cursors.items():
-            since = cursor.framer.partial_since
-            if since is not None and now - since >= PARTIAL_SECONDS - 1e-6:
-                self._queued.append(
-                    self._format.data(stream.id, cursor.framer.take_partial(early=True))
-                )
+        for stream in list(self._held):  # oldest first: stop at the first that may wait
+            cursor = self._cursors[stream]
+            if now - cursor.framer.partial_since < PARTIAL_SECONDS - 1e-6:
+                break
+            del self._held[stream]
+            self._queued.append(
+                self._format.data(stream.id, cursor.framer.take_partial(early=True))
+            )
         self._pump()
 
     def _cancel_flush(self) -> None:

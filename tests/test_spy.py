@@ -227,3 +227,51 @@ def test_stop_leaves_nothing_behind(store, clock):
 
 def cursor_free(spy) -> bool:
     return spy.streams == 0
+
+
+class Tripwire:
+    """Stands in for a cursor's framer: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"touched another stream's framer ({name})")
+
+
+def test_a_chunk_costs_the_spy_its_own_stream_only(store, clock):
+    """With a thousand streams each holding a partial line, a chunk of one stream touches
+    no other stream's state: a spy's cost per chunk does not grow with the streams."""
+    streams = [result(store.create(f"s{i}", "{}")) for i in range(1000)]
+    sink = Sink()
+    spy = Spy(store, sink, clock)
+    spy.start()
+    for index, stream in enumerate(streams):
+        stream.append(b"progress %d%%" % index)
+    busy = streams[500]
+    for stream, cursor in spy._cursors.items():
+        if stream is not busy:
+            cursor.framer = Tripwire()
+    for step in range(10):
+        busy.append(b"\rprogress %d%%" % step)
+    busy.append(b" done\n")
+    assert lines(sink)[-1] == "s500 | progress 9% done"
+
+
+def test_held_lines_are_shown_oldest_first_each_at_its_own_time(store, clock):
+    """Partial lines begun at different moments are each shown about a second later."""
+    sink = Sink()
+    spy = Spy(store, sink, clock)
+    spy.start()
+    a, b, c = (result(store.create(name, "{}")) for name in "abc")
+    a.append(b"a-partial")
+    clock.advance(0.4)
+    b.append(b"b-partial")
+    clock.advance(0.3)
+    c.append(b"c-partial")
+    a.append(b" still going")  # the same line: its clock does not restart
+    clock.advance(0.31)  # t = 1.01
+    assert lines(sink)[3:] == ["a | a-partial still going"]
+    clock.advance(0.4)  # t = 1.41
+    assert lines(sink)[4:] == ["b | b-partial"]
+    b.append(b"\n")  # its newline, after it was shown, adds no empty line
+    clock.advance(0.3)  # t = 1.71
+    assert lines(sink)[5:] == ["c | c-partial"]
+    assert clock.getDelayedCalls() == []

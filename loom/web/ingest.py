@@ -60,15 +60,30 @@ class _BodyDecoder:
     ``length`` None means chunked transfer coding, else a Content-Length.
     Malformed chunking raises Twisted's own error after the well-formed
     bytes before it were delivered, so the channel aborts as it would.
+
+    A read of tiny chunks (a producer writing a byte at a time, flat out) is
+    decoded at most ``MAX_CHUNKS_PER_TURN`` chunks at a time: the rest is held
+    and ``on_backlog`` called, for the channel to stop reading and go on with
+    it on the next reactor turn, so that no read holds up everyone else.
     """
 
-    def __init__(self, length: int | None, on_data, on_end):
+    MAX_CHUNKS_PER_TURN = 2048
+
+    def __init__(self, length: int | None, on_data, on_end, on_backlog=None):
         self._remaining = length  # bytes left: of the body, or of the current chunk
         self._chunked = length is None
         self._state = "size" if self._chunked else "data"
-        self._held = b""  # an unfinished size line, CRLF or trailer line
+        self._held = b""  # bytes not decoded yet: an unfinished line, or a backlog
         self._on_data = on_data
         self._on_end = on_end
+        self._on_backlog = on_backlog
+
+    @property
+    def backlog(self) -> bool:
+        """Whether decoded-later bytes wait (see ``MAX_CHUNKS_PER_TURN``)."""
+        return self._backlog
+
+    _backlog = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._held:
@@ -84,6 +99,8 @@ class _BodyDecoder:
             raise http._MalformedChunkedDataError(error)
         if self._state == "done":
             self._on_end(self._rest)
+        elif self._backlog and self._on_backlog is not None:
+            self._on_backlog()
 
     def _identity(self, data: bytes) -> None:
         if len(data) < self._remaining:
@@ -100,6 +117,8 @@ class _BodyDecoder:
     def _chunks(self, data: bytes):
         view = memoryview(data)
         parts, position, end = [], 0, len(data)
+        budget = self.MAX_CHUNKS_PER_TURN
+        self._backlog = False
         while position < end:
             state = self._state
             if state == "data":
@@ -118,6 +137,10 @@ class _BodyDecoder:
                 position += 2
                 self._state = "size"
             elif state == "size":
+                if not budget and self._on_backlog is not None:
+                    self._held = data[position:]
+                    self._backlog = True
+                    return parts, None
                 line_end = data.find(b"\r\n", position, position + _MAX_SIZE_LINE)
                 if line_end < 0:
                     if end - position >= _MAX_SIZE_LINE:
@@ -132,6 +155,7 @@ class _BodyDecoder:
                 position = line_end + 2
                 self._remaining = int(size_text, 16)
                 self._state = "data" if self._remaining else "trailer"
+                budget -= 1
             elif state == "trailer":
                 line_end = data.find(b"\r\n", position)
                 if line_end < 0:
@@ -190,6 +214,7 @@ class LoomChannel(http.HTTPChannel):
     _hosts = 0  # Host headers of the request being read
     client_host: str | None = None  # the client's address, set by the site
     _head_tail = b""  # a CR that ended the last read of a head
+    _backlog_call = None  # continues a body read held back by its decoder
 
     def connectionMade(self):
         # Site.buildProtocol set timeOut to the keep-alive idle timeout.
@@ -362,7 +387,8 @@ class LoomChannel(http.HTTPChannel):
             # the current read reaches it through the usual path; the following
             # reads come straight to it (see dataReceived).
             self._transferDecoder = _BodyDecoder(
-                self.length, request.body_sink.body_data, self._body_finished
+                self.length, request.body_sink.body_data, self._body_finished,
+                self._body_backlog,
             )
             self._adaptive_reads = type(self.transport) is tcp.Server
             self._pending_body_decoder = self._transferDecoder
@@ -371,6 +397,24 @@ class LoomChannel(http.HTTPChannel):
         super().setRawMode()
         if self._pending_body_decoder is not None and not self._handlingRequest:
             self._body_decoder, self._pending_body_decoder = self._pending_body_decoder, None
+
+    def _body_backlog(self) -> None:
+        """The body decoder held back part of a read: read nothing more until it is done,
+        and go on with it on the next turn, once whatever else is ready has had its turn."""
+        self.pause_reading()
+        self._backlog_call = self.callLater(0, self._continue_body)
+
+    def _continue_body(self) -> None:
+        self._backlog_call = None
+        decoder = self._transferDecoder
+        try:
+            if isinstance(decoder, _BodyDecoder) and decoder.backlog and not self._discarding:
+                decoder.dataReceived(b"")  # may hold back again, and pause once more
+        except http._MalformedChunkedDataError:
+            self._body_decoder = None
+            self._respondToBadRequestAndDisconnect()
+        finally:
+            self.resume_reading()
 
     def _body_finished(self, rest: bytes) -> None:
         self._body_decoder = self._pending_body_decoder = None
@@ -450,6 +494,9 @@ class LoomChannel(http.HTTPChannel):
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()
         self._linger_call = None
+        if self._backlog_call is not None and self._backlog_call.active():
+            self._backlog_call.cancel()
+        self._backlog_call = None
         self._cancel_head_deadline()
         super().connectionLost(reason)
         self.site.channel_closed(self)

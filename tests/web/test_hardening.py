@@ -405,3 +405,51 @@ def test_only_the_writing_token_may_take_a_live_stream_over(guarded):
     status, _, _ = answer(guarded, append % authorized(b"sekrit-reader-writer"))
     assert status == 200
     assert read_all(guarded.store, "live") == (b"abcdef", "complete")
+
+
+# --- a producer of tiny chunks ----------------------------------------------------------------
+
+
+def test_a_read_of_tiny_chunks_is_decoded_a_bounded_batch_per_turn(fake):
+    """One read of 10,240 one-byte chunks is decoded 2,048 chunks per reactor turn, reading
+    nothing more meanwhile, so other connections get their turns; every byte is stored."""
+    from loom.web.ingest import _BodyDecoder
+
+    batch = _BodyDecoder.MAX_CHUNKS_PER_TURN
+    channel, transport = send(fake, b"POST /stream/tiny HTTP/1.1\r\nHost: x\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n")
+    stream = fake.store.live_streams()[0]
+    appends = Appends()
+    stream.subscribe(appends)
+    payload = bytes(range(256)) * 40
+    channel.dataReceived(b"".join(chunk(payload[i:i + 1]) for i in range(len(payload))))
+    assert appends.sizes == [batch] and transport.producerState == "paused"
+    fake.clock.advance(0)  # the next turns
+    assert appends.sizes == [batch] * (len(payload) // batch)
+    assert transport.producerState == "producing"
+    channel.dataReceived(b"0\r\n\r\n")
+    assert read_all(fake.store, "tiny") == (payload, "complete")
+
+
+class Appends:
+    """A stream listener that records the size of each append."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def stream_grew(self, stream, start, parts, size):
+        self.sizes.append(size)
+
+    def stream_ended(self, stream):
+        pass
+
+
+def test_a_malformed_chunk_in_a_held_back_batch_still_aborts(fake):
+    """A bad chunk found in a later turn's batch aborts the producer like any other."""
+    channel, transport = send(fake, b"POST /stream/tiny HTTP/1.1\r\nHost: x\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n")
+    channel.dataReceived(chunk(b"x") * 3000 + b"zz\r\nbad\r\n")
+    fake.clock.advance(0)
+    assert cut_off(transport)
+    channel.connectionLost(None)
+    assert read_all(fake.store, "tiny") == (b"x" * 3000, "aborted")
