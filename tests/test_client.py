@@ -1,5 +1,7 @@
 """loom.client against a real server on loopback."""
 
+import json
+
 import pytest
 import pytest_twisted
 import treq
@@ -14,6 +16,7 @@ from zope.interface import implementer
 from loom.client import (
     CannotConnect,
     LoomClient,
+    RequestFailed,
     ServerAborted,
     StreamExists,
     StreamNotFound,
@@ -229,3 +232,24 @@ async def test_spy_streams_into_a_callback(server):
     spying.cancel()
     with pytest.raises(CancelledError):
         await spying
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_largest_metadata_loom_accepts_its_own_client_reads_back(tmp_path):
+    """Metadata at the highest maxMetadataBytes, all escaped non-ASCII, is read back whole
+    by Loom's client (HEAD and GET), within the 16 KiB header lines it can parse."""
+    from loom.config import MAX_METADATA_LIMIT
+
+    server = await start_server(tmp_path / "data", max_metadata_bytes=MAX_METADATA_LIMIT)
+    try:
+        client = LoomClient(server.url)
+        metadata = {"who": "\u00e9" * ((MAX_METADATA_LIMIT - 12) // 6)}
+        assert len(json.dumps(metadata, separators=(",", ":"))) <= MAX_METADATA_LIMIT
+        await client.push(body(b"x"), "meta", metadata=metadata)
+        assert (await client.head("meta")).metadata == metadata
+        assert (await client.follow("meta", lambda data: None)).metadata == metadata
+        with pytest.raises(RequestFailed) as refused:  # one character more: refused
+            await client.push(body(b"x"), "more", metadata={"who": metadata["who"] + "\u00e9"})
+        assert refused.value.status == 413
+    finally:
+        await server.service.stopService()
