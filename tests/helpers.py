@@ -44,6 +44,30 @@ CHILD_OUTPUT: list[str] = []
 CHILDREN: list = []
 
 
+# CI installs every tool the suite can use and sets this: a missing one fails there.
+REQUIRE_ALL = os.environ.get("TESTS_REQUIRE_ALL") == "1"
+
+
+def unavailable(reason: str):
+    """Skip a test that needs something this machine lacks (``reason``: what, and the
+    install step) -- or fail it where everything must be there (TESTS_REQUIRE_ALL=1, CI)."""
+    import pytest
+
+    if REQUIRE_ALL:
+        pytest.fail(f"{reason} (TESTS_REQUIRE_ALL=1: it must be installed here)")
+    pytest.skip(reason)
+
+
+def program(name: str, install: str) -> str:
+    """The path of the program ``name``, or skip (fail in CI) saying how to install it."""
+    import shutil
+
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path is None:
+        unavailable(f"{name} is not installed ({install})")
+    return path
+
+
 def guard(d: Deferred, seconds: float = GUARD_SECONDS) -> Deferred:
     """Fail ``d`` instead of hanging forever if the event never comes."""
     return d.addTimeout(seconds, reactor)

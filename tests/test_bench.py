@@ -1,20 +1,18 @@
 """The benchmark harness still builds, runs and reports (a smoke test, not a timed one)."""
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, program
 
 
 @pytest.mark.slow
 def test_quick_benchmark_runs_and_writes_its_figures(tmp_path):
     """``python -m bench --quick`` builds the load generator, runs workloads, writes JSON."""
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is needed to build the load generator")
+    program("gcc", "apt-get install gcc: it builds the load generator")
     out = tmp_path / "results.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--only", "W1,W4", "--repeat", "1",

@@ -15,16 +15,17 @@ from twisted.web.client import ResponseFailed
 
 from loom.store import DiskStore, InlineRunners
 from tests.helpers import (
-    FaultyFileSystem,
     child_environment,
     chunk,
     cut_off,
+    FaultyFileSystem,
     make_fake_site,
     mount_tmpfs,
     parse_response,
     raw_connect,
     start_producer,
     start_server_process,
+    unavailable,
 )
 
 GONE = Failure(ConnectionDone())
@@ -152,7 +153,7 @@ async def test_a_really_full_file_system(tmp_path):
     """On a real 4 MiB tmpfs: filling it aborts the producer, keeps its bytes, and Loom recovers."""
     mount = tmp_path / "small"
     if not _mount_tmpfs(mount, "4m"):
-        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+        unavailable("cannot mount a tmpfs here (run as root, with mount permission)")
     try:
         server = await start_server_process(mount / "data", env=SMALL_RESERVE)
         try:

@@ -19,6 +19,7 @@ from tests.helpers import (
     mount_tmpfs,
     start_producer,
     start_server_process,
+    unavailable,
     unmount,
 )
 from tests.test_store import read_all, result
@@ -57,7 +58,7 @@ def disk(tmp_path):
     """A 4 MiB tmpfs, unmounted after the test."""
     mount = tmp_path / "small"
     if not mount_tmpfs(mount, "4m"):
-        pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+        unavailable("cannot mount a tmpfs here (run as root, with mount permission)")
     yield mount
     unmount(mount)
 
