@@ -7,6 +7,7 @@ raises ``ConfigError`` with one line naming the file or variable and the key.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class Config:
     stalled_reader_timeout: float | None = 600.0
     max_connections: int = 10000
     max_connections_per_client: int | None = 1000
+    trusted_proxies: tuple[str, ...] = ()
     max_stream_bytes: int | None = None
     reader_send_buffer: int | None = 256 * 1024
     retention: float | None = None
@@ -223,6 +225,21 @@ def _listen(value: Any, where: str) -> tuple[str, ...]:
     return tuple(_string(item, where) for item in value)
 
 
+def _networks(value: Any, where: str) -> tuple[str, ...]:
+    """IP addresses or networks, as a list (or one string), normalised (``10.0.0.0/8``)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise _fail(where, "expected a list of IP addresses or networks")
+    networks = []
+    for item in value:
+        try:
+            networks.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+        except ValueError:
+            raise _fail(where, f"{item!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
 def _fsync(value: Any, where: str) -> str:
     if value not in FSYNC_POLICIES:
         raise _fail(where, f"expected one of {', '.join(FSYNC_POLICIES)}, got {value!r}")
@@ -282,6 +299,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Connections from one client address beyond this many are answered 503, so no "
             "single client can fill maxConnections (default 1000; 0 = no limit). Behind a "
             "reverse proxy every connection comes from the proxy: raise it."),
+    Setting("trustedProxies", "LOOM_TRUSTED_PROXIES", _networks,
+            "Reverse proxies (addresses or networks, e.g. 127.0.0.1 or 10.0.0.0/8) whose "
+            "Forwarded / X-Forwarded-For headers name the client, for the access log and "
+            "maxConnectionsPerClient; from anyone else those headers are ignored (variable: "
+            "comma-separated).", env_is_list=True),
     Setting("maxStreamBytes", "LOOM_MAX_STREAM_BYTES", _stream_limit,
             "Largest stream stored; a longer one is cut there. 0 = no limit (default)."),
     Setting("readerSendBuffer", "LOOM_READER_SEND_BUFFER", _stream_limit,
@@ -435,6 +457,7 @@ def load_config(
             max_connections_per_client=values.get(
                 "maxConnectionsPerClient", Config.max_connections_per_client
             ),
+            trusted_proxies=values.get("trustedProxies", ()),
             max_stream_bytes=values.get("maxStreamBytes", Config.max_stream_bytes),
             reader_send_buffer=values.get("readerSendBuffer", Config.reader_send_buffer),
             retention=values.get("retention"),

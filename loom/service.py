@@ -19,6 +19,7 @@ from loom.faults import CrashPoints
 from loom.store import DiskStore, ThreadRunners
 from loom.web.auth import BearerAuth
 from loom.web.resources import LoomApp, Root
+from loom.web.proxies import TrustedProxies
 from loom.web.site import LoomSite
 
 log = Logger()
@@ -105,6 +106,7 @@ class LoomService(MultiService):
             header_timeout=config.header_timeout,
             max_connections=max_connections,
             max_connections_per_client=config.max_connections_per_client,
+            trusted_proxies=TrustedProxies(config.trusted_proxies),
             # Room for the largest metadata plus ordinary headers, so that
             # oversized metadata gets its 413 instead of a dropped connection.
             max_head_bytes=max(64 * 1024, config.max_metadata_bytes + 8192),

@@ -212,7 +212,8 @@ class LoomChannel(http.HTTPChannel):
     _body_decoder = None  # set while a producer's body streams: reads go straight to it
     _pending_body_decoder = None
     _hosts = 0  # Host headers of the request being read
-    client_host: str | None = None  # the client's address, set by the site
+    client_host: str | None = None  # the client's address, set by the site (None: a proxy's)
+    _admitted: str | None = None  # the client a trusted proxy's current request is counted for
     _head_tail = b""  # a CR that ended the last read of a head
     _backlog_call = None  # continues a body read held back by its decoder
 
@@ -295,6 +296,31 @@ class LoomChannel(http.HTTPChannel):
             self.requests[-1].authorization_padded = True
         return super().headerReceived(line)
 
+    def _attribute(self, request) -> bool:
+        """Say whose request this is: the peer, or for a trusted proxy the client it names,
+        counted against that client's share of the server (503 once it is full)."""
+        proxies = self.site.trusted_proxies
+        peer = getattr(self.transport.getPeer(), "host", None) if self.transport else None
+        if self.client_host is not None or not proxies.trusts(peer):
+            request.client_host = self.client_host
+            return True
+        headers = request.requestHeaders
+        client = proxies.client(peer, headers.getRawHeaders(b"forwarded", []),
+                                headers.getRawHeaders(b"x-forwarded-for", []))
+        request.client_host = client
+        if not self.site.admit(client):
+            self._refuse_head(503, "Service Unavailable",
+                              "This client has too many connections open; close some or try "
+                              "again later.", retry_after=1)
+            return False
+        self._admitted = client
+        return True
+
+    def _release_client(self) -> None:
+        if self._admitted is not None:
+            self.site.release(self._admitted)
+            self._admitted = None
+
     def _head_problem(self) -> str | None:
         """What makes a complete request head unacceptable, if anything (RFC 9112)."""
         if len(self._path) > MAX_TARGET_BYTES:
@@ -337,7 +363,8 @@ class LoomChannel(http.HTTPChannel):
             self._head_call.cancel()
         self._head_call = None
 
-    def _refuse_head(self, code: int, phrase: str, message: str) -> None:
+    def _refuse_head(self, code: int, phrase: str, message: str,
+                     retry_after: int | None = None) -> None:
         """Answer a request whose head cannot be accepted, and close."""
         self._cancel_head_deadline()
         if self._discarding or self.transport is None:
@@ -348,10 +375,11 @@ class LoomChannel(http.HTTPChannel):
             # its answer, and nothing it writes later may follow it.
             request._disconnected = True
         body = b'{"error": "%s"}\n' % message.encode("ascii")
+        retry = b"Retry-After: %d\r\n" % retry_after if retry_after is not None else b""
         self.transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%s"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (code, phrase.encode("ascii"), len(body), body)
+            % (code, phrase.encode("ascii"), retry, len(body), body)
         )
         self.refuse_further_requests()
         self.loseConnection()
@@ -370,6 +398,8 @@ class LoomChannel(http.HTTPChannel):
             return
         if problem is not None:
             self._refuse_head(400, "Bad Request", problem)
+            return
+        if not self._attribute(self.requests[-1]):
             return
         self._holding_continue = True
         try:
@@ -433,6 +463,7 @@ class LoomChannel(http.HTTPChannel):
             super()._send100Continue()
 
     def requestDone(self, request):
+        self._release_client()
         super().requestDone(request)
         if self.persistent:
             self._awaiting_head = True  # the next request's head has its own deadline
@@ -473,8 +504,17 @@ class LoomChannel(http.HTTPChannel):
         self.persistent = False
         self._discarding = True
 
+    def _gone(self) -> bool:
+        """Whether the connection is closed already, though Twisted may not have told this
+        channel yet (its socket closed in this same reactor turn): nothing more to close."""
+        transport = self.transport
+        return transport is None or getattr(transport, "disconnected", False) or \
+            not getattr(transport, "connected", True)
+
     def loseConnection(self):
-        if not self._discarding or self.transport is None:
+        if self._gone():
+            return None  # a stream cut after its producer left, say
+        if not self._discarding:
             return super().loseConnection()
         if self._linger_call is not None:
             return
@@ -498,6 +538,7 @@ class LoomChannel(http.HTTPChannel):
             self._backlog_call.cancel()
         self._backlog_call = None
         self._cancel_head_deadline()
+        self._release_client()
         super().connectionLost(reason)
         self.site.channel_closed(self)
 
@@ -556,7 +597,7 @@ class LoomChannel(http.HTTPChannel):
 
     def abort(self) -> None:
         """Drop the connection at once, without flushing (the client is stuck)."""
-        if self.transport is not None:
+        if not self._gone():
             self.transport.abortConnection()
 
     def cut_off(self) -> None:
@@ -570,6 +611,8 @@ class LoomChannel(http.HTTPChannel):
         delimited by the connection (HTTP/1.0) would look complete if closed,
         so it is reset instead.
         """
+        if self._gone():
+            return
         request = self.requests[0] if self.requests else None
         if request is None or not request.chunked:
             self.abort()
@@ -620,6 +663,7 @@ class LoomRequest(server.Request):
     """A request that can be dispatched when its headers arrive and never spools its body."""
 
     defaultContentType = None
+    client_host: str | None = None  # who sent it (through a trusted proxy: the client it names)
     authorization_padded = False
     body_sink = None
     dispatched_early = False

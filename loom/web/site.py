@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from loom.web.ingest import LoomChannel, LoomRequest
+from loom.web.proxies import TrustedProxies
 
 log = Logger(namespace="loom.access")
 
@@ -31,6 +32,9 @@ class SiteCounters:
     """Counters the HTTP layer bumps on its hot paths, read by /metrics."""
 
     bytes_out = 0
+
+
+_CLIENT_FULL = b"This client has too many connections open; close some or try again later."
 
 
 class _TooManyConnections(Protocol):
@@ -70,12 +74,14 @@ class LoomSite(server.Site):
         max_head_bytes: int = 16384,
         counters: SiteCounters | None = None,
         max_connections_per_client: int | None = None,
+        trusted_proxies: TrustedProxies | None = None,
     ):
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.counters = counters or SiteCounters()
         self.header_timeout = header_timeout
         self.max_connections = max_connections
         self.max_connections_per_client = max_connections_per_client
+        self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.max_head_bytes = max_head_bytes
         self.channels: set[LoomChannel] = set()
         self._per_client: dict[str, int] = {}  # open connections by client address
@@ -91,15 +97,42 @@ class LoomSite(server.Site):
                                   "are open (maxConnections)", len(self.channels))
             return _TooManyConnections(b"The server has too many connections; try again "
                                        b"later.")
-        cap = self.max_connections_per_client
-        if host is not None and cap is not None and self._per_client.get(host, 0) >= cap:
-            self._warn_once(host, "refusing connections from {peer}: it has {count} open "
-                                  "(maxConnectionsPerClient)", cap)
-            return _TooManyConnections(b"This client has too many connections open; close "
-                                       b"some or try again later.")
+        if self.trusted_proxies.trusts(host):
+            host = None  # a proxy carries many clients: each request is counted for its own
+        elif host is not None and not self._room_for(host):
+            return _TooManyConnections(_CLIENT_FULL)
         channel = super().buildProtocol(addr)
         channel.client_host = host
         return channel
+
+    def _room_for(self, host: str) -> bool:
+        cap = self.max_connections_per_client
+        if cap is not None and self._per_client.get(host, 0) >= cap:
+            self._warn_once(host, "refusing connections from {peer}: it has {count} open "
+                                  "(maxConnectionsPerClient)", cap)
+            return False
+        return True
+
+    def admit(self, client: str) -> bool:
+        """Count a request a trusted proxy forwarded for ``client`` against its share of the
+        server, as a connection of its own would be; False if that share is full."""
+        if not self._room_for(client):
+            return False
+        self._count(client, +1)
+        return True
+
+    def release(self, client: str) -> None:
+        """A request counted by ``admit`` is done."""
+        self._count(client, -1)
+
+    def _count(self, host: str, change: int) -> None:
+        left = self._per_client.get(host, 0) + change
+        if left > 0:
+            self._per_client[host] = left
+        else:
+            self._per_client.pop(host, None)
+        if change > 0:
+            self._refused_from.discard(host)
 
     def _warn_once(self, host, message: str, count: int) -> None:
         """One log line per address for a run of refusals, not one per connection."""
@@ -138,21 +171,14 @@ class LoomSite(server.Site):
 
     def channel_opened(self, channel: LoomChannel) -> None:
         self.channels.add(channel)
-        host = channel.client_host
-        if host is not None:
-            self._per_client[host] = self._per_client.get(host, 0) + 1
-            self._refused_from.discard(host)
+        if channel.client_host is not None:
+            self._count(channel.client_host, +1)
 
     def channel_closed(self, channel: LoomChannel) -> None:
         if channel in self.channels:
             self.channels.discard(channel)
-            host = channel.client_host
-            if host is not None:
-                left = self._per_client[host] - 1
-                if left:
-                    self._per_client[host] = left
-                else:
-                    del self._per_client[host]
+            if channel.client_host is not None:
+                self._count(channel.client_host, -1)
         if self._on_channel_closed is not None:
             self._on_channel_closed()
 
@@ -162,10 +188,10 @@ class LoomSite(server.Site):
 
     def log(self, request, closed: bool = False):
         """One line per request: never headers, and never a secret from the query."""
-        peer = request.getClientAddress()
+        client = request.client_host or getattr(request.getClientAddress(), "host", "-")
         log.info(
             '{client} "{method} {uri}" {code} {sent}{how}{stream}',
-            client=getattr(peer, "host", "-"),
+            client=client,
             method=request.method.decode("ascii", "replace"),
             uri=redact_uri(request.uri),
             code=request.code,

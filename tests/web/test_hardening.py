@@ -453,3 +453,30 @@ def test_a_malformed_chunk_in_a_held_back_batch_still_aborts(fake):
     assert cut_off(transport)
     channel.connectionLost(None)
     assert read_all(fake.store, "tiny") == (b"x" * 3000, "aborted")
+
+
+@pytest.mark.parametrize("gone", ["closed", "lost", "none"])
+def test_a_stream_cut_after_its_producer_left_is_no_error(tmp_path, gone):
+    """DELETE of a stream whose producer's connection is already gone (its socket closed,
+    or its end still being recorded) cuts nothing that is not there: 204, never a 500."""
+    runners, clock = ManualSync(), Clock()
+    fake = make_fake_site(store=DiskStore(str(tmp_path), clock, runners), clock=clock)
+    channel, transport = send(fake, b"POST /stream/gone HTTP/1.1\r\nHost: x\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b"data"))
+    runners.run_all()
+    if gone == "closed":  # the socket is closed; Twisted has not told the channel yet
+        transport.connected = False
+    elif gone == "lost":  # told: the stream is ending (its sync waits)
+        channel.connectionLost(None)
+    else:
+        channel.transport = None
+    deleting = Deferred.fromCoroutine(fake.store.delete("gone"))
+    runners.run_all()
+    assert deleting.called and deleting.result is None
+
+
+class ManualSync(CatalogLater):
+    """Catalog work and syncs both wait in the queue."""
+
+    def io(self, f, *args):
+        return self.catalog(f, *args)
