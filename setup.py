@@ -23,6 +23,7 @@ setup(
         "console_scripts": [
             "loom-stream = loom.cli:stream_main",
             "loom-spy = loom.cli:spy_main",
+            "loom-backup = loom.backup:main",
         ],
     },
     extras_require={

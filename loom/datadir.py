@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 from typing import Callable
 
@@ -20,6 +21,13 @@ CATALOG = "catalog.sqlite3"
 RESERVE = "reserve"
 # What SQLite keeps beside the catalog in WAL mode.
 CATALOG_COMPANIONS = ("-wal", "-shm")
+
+
+def stream_file(data_dir: str, storage: str) -> str:
+    """Where the data of the stream stored as ``storage`` lives in ``data_dir``:
+    ``streams/<xx>/<storage>.data``, ``xx`` spreading the files over 256 folders."""
+    bucket = hashlib.sha256(storage.encode("ascii")).hexdigest()[:2]
+    return os.path.join(data_dir, "streams", bucket, storage + ".data")
 
 
 class DataDirectoryError(Exception):

@@ -178,7 +178,15 @@ class LoomService(MultiService):
     def _listen(self, description: str):
         try:
             endpoint = serverFromString(self.reactor, description)
-        except (ValueError, TypeError, KeyError) as e:
+        except (IndexError, KeyError) as e:
+            if description.startswith("systemd:"):
+                # Twisted looks the socket up by position or name and finds nothing.
+                raise StartupError(
+                    f"{description!r}: systemd passed no such socket (LISTEN_FDS and "
+                    "LISTEN_FDNAMES, from a socket unit with FileDescriptorName=); start "
+                    "Loom through its socket unit, or listen on a tcp: endpoint")
+            raise StartupError(f"invalid listen endpoint {description!r}: {e}")
+        except (ValueError, TypeError) as e:
             raise StartupError(f"invalid listen endpoint {description!r}: {e}")
         outcome: list = []
         endpoint.listen(self.site).addBoth(outcome.append)

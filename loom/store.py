@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import collections
 import errno
-import hashlib
 import math
 import os
 import secrets
@@ -43,6 +42,7 @@ from loom.datadir import (
     create_atomically,
     describe_size,
     free_bytes,
+    stream_file,
     what_to_do,
 )
 from loom.errors import (
@@ -1222,8 +1222,7 @@ class DiskStore(_StoreBase):
 
     def data_path(self, storage: str) -> FilePath:
         """Where the data of storage name ``storage`` lives."""
-        bucket = hashlib.sha256(storage.encode("ascii")).hexdigest()[:2]
-        return self.data_dir.child("streams").child(bucket).child(storage + ".data")
+        return FilePath(stream_file(self.data_dir.path, storage))
 
     # life cycle
 
