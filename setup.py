@@ -33,6 +33,9 @@ setup(
             "hypothesis>=6.100",  # the stateful model test of the store
             # a strict HTTP/1.1 parser: the hostile-input corpus's reference for what is valid
             "h11>=0.14",
+            # the Python clients docs/http-api.md shows, tested as it says to use them
+            "requests>=2.31",
+            "httpx>=0.27",
             # builds the wheel in the non-editable install test, without network
             "wheel",
         ],
