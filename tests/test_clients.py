@@ -103,3 +103,30 @@ async def test_a_client_follows_a_live_stream_and_sees_how_it_ends(tmp_path, nam
             assert ended.exit_code == CUT_OFF[name], client.text()
     finally:
         await server.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http_1_0_follower_of_a_cut_off_stream_gets_a_reset(tmp_path):
+    """HTTP/1.0 has no chunking, so a clean close would look like the end of the stream: a
+    cut-off stream resets an HTTP/1.0 follower's connection; a clean end closes it cleanly."""
+    from twisted.internet.error import ConnectionDone, ConnectionLost
+
+    from tests.helpers import raw_connect
+
+    server = await start_server(tmp_path / "data")
+    try:
+        for stream_id, cut in ((b"cut", True), (b"clean", False)):
+            producer = await start_producer(server.port, stream_id, b"first line\n")
+            follower = await raw_connect(server.port)
+            follower.send(b"GET /stream/" + stream_id + b" HTTP/1.0\r\n\r\n")
+            await follower.wait_for(b"first line\n")
+            if cut:
+                producer.transport.abortConnection()
+            else:
+                producer.transport.write(b"0\r\n\r\n")
+            await follower.closed
+            expected = ConnectionLost if cut else ConnectionDone
+            assert follower.reason.check(expected), (stream_id, follower.reason)
+            assert b"Transfer-Encoding" not in bytes(follower.received)
+    finally:
+        await server.service.stopService()
