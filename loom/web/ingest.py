@@ -726,10 +726,18 @@ class Ingest:
     Until the stream exists the channel is paused, so at most one network
     read is held in memory. After that every chunk is appended (handed to the
     OS) before the next one is read.
+
+    With ``respond_at_end`` the 201 (or 200) is held back until the body has
+    ended and is durable, and then sent whole. A reverse proxy asks for this:
+    nginx stops forwarding a request body once it has passed a response's
+    headers on, and HAProxy 2.6 can take a 201 that arrives with a
+    ``100 Continue`` for a complete response (docs/deployment.md).
     """
 
-    def __init__(self, request: LoomRequest, store, producer_idle_timeout: float | None):
+    def __init__(self, request: LoomRequest, store, producer_idle_timeout: float | None,
+                 respond_at_end: bool = False):
         self._request = request
+        self._respond_at_end = respond_at_end
         self._store = store
         self._channel: LoomChannel = request.channel
         self._producer_idle_timeout = producer_idle_timeout
@@ -801,6 +809,11 @@ class Ingest:
             request.setHeader(b"X-Stream-Offset", b"%d" % resumed_at)
         if stream.replaced:
             request.setHeader(b"X-Stream-Replaced", b"true")
+        if self._respond_at_end:
+            # finish() sends the headers with the response's end. Until then a
+            # failure can only reset the connection (cut_off: nothing is chunked
+            # yet), which a proxy reports to its client as a 502.
+            return
         request.write(b"")  # the headers leave now; the body of the response stays empty
 
     # body_sink
