@@ -728,7 +728,8 @@ class Ingest:
     OS) before the next one is read.
 
     With ``respond_at_end`` the 201 (or 200) is held back until the body has
-    ended and is durable, and then sent whole. A reverse proxy asks for this:
+    ended and is durable, and then sent whole; a stream cut off before that
+    gets its headers and a cut response then. A reverse proxy asks for this:
     nginx stops forwarding a request body once it has passed a response's
     headers on, and HAProxy 2.6 can take a 201 that arrives with a
     ``100 Continue`` for a complete response (docs/deployment.md).
@@ -810,10 +811,7 @@ class Ingest:
         if stream.replaced:
             request.setHeader(b"X-Stream-Replaced", b"true")
         if self._respond_at_end:
-            # finish() sends the headers with the response's end. Until then a
-            # failure can only reset the connection (cut_off: nothing is chunked
-            # yet), which a proxy reports to its client as a 502.
-            return
+            return  # finish() sends the headers with the response's end (or _cut_off)
         request.write(b"")  # the headers leave now; the body of the response stays empty
 
     # body_sink
@@ -923,6 +921,19 @@ class Ingest:
             )
         if record and self._stream.outcome is None and not self._stream.closing:
             self._abort_stream(reason)
+        self._cut_off()
+
+    def _cut_off(self) -> None:
+        """End the answer so that the producer cannot take it for a clean end.
+
+        A 201 held back (``respond_at_end``) goes out now, headers only: the
+        body is over for Loom, so a proxy forwarding no more of it does no
+        harm, and its client then sees the response cut, as without a proxy
+        (curl exits 18), rather than the proxy's 502 for a reset.
+        """
+        request = self._request
+        if self._respond_at_end and not request.startedWriting and not request._disconnected:
+            request.write(b"")
         self._channel.cut_off()
 
     def _cut(self, outcome: str) -> None:
@@ -939,7 +950,7 @@ class Ingest:
             self._failed = True
             log.info("stream {stream_id} taken over: disconnecting its previous producer",
                      stream_id=self._stream.id)
-            self._channel.cut_off()
+            self._cut_off()
             return
         log.info(
             "stream {stream_id} {outcome}: disconnecting its producer",

@@ -11,7 +11,14 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from loom.store import ABORTED, COMPLETE
-from tests.helpers import chunk, dechunk, json_body, make_fake_site, parse_response
+from tests.helpers import (
+    chunk,
+    cut_off,
+    dechunk,
+    json_body,
+    make_fake_site,
+    parse_response,
+)
 from tests.test_store import read_all
 
 AT_END = b"X-Stream-Respond: at-end\r\n"
@@ -63,9 +70,9 @@ def test_100_continue_still_goes_out_when_the_stream_exists(fake):
     assert transport.value().startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created")
 
 
-def test_a_stream_cut_before_its_answer_resets_the_connection(fake, monkeypatch):
-    """Storing fails before the answer went out: the connection is reset, nothing is said,
-    so that no proxy can mistake it for a response (nginx answers its client 502)."""
+def test_a_stream_cut_before_its_answer_gets_a_cut_201(fake, monkeypatch):
+    """Storing fails before the answer: the 201's headers go out, then the response is cut
+    (no last chunk), as for a producer that had its 201 at once: not a proxy's 502."""
     channel, transport = fake.connect()
     channel.dataReceived(post(extra=AT_END) + chunk(b"kept "))
 
@@ -75,20 +82,32 @@ def test_a_stream_cut_before_its_answer_resets_the_connection(fake, monkeypatch)
     monkeypatch.setattr("loom.store.os.write", full)
     channel.dataReceived(chunk(b"lost"))
     monkeypatch.undo()
-    assert transport.disconnected and transport.value() == b""
+    status, headers, body = parse_response(transport.value())
+    assert status == 201 and headers["x-stream-id"] == "s1"
+    assert cut_off(transport) and dechunk(body) == (b"", False)
     channel.connectionLost(Failure(ConnectionDone()))
     assert read_all(fake.store, "s1") == (b"kept ", ABORTED)
 
 
-def test_a_replaced_stream_resets_its_producer_before_any_answer(fake):
-    """?force=true replacing a stream whose producer waits for its answer resets that one."""
+def test_a_replaced_stream_cuts_its_waiting_producer(fake):
+    """?force=true replacing a stream whose producer waits for its answer cuts that one."""
     old_channel, old_transport = fake.connect()
     old_channel.dataReceived(post(extra=AT_END) + chunk(b"old"))
     channel, transport = fake.connect()
     channel.dataReceived(post(b"/stream/s1?force=true", AT_END) + chunk(b"new") + b"0\r\n\r\n")
-    assert old_transport.disconnected and old_transport.value() == b""
+    assert parse_response(old_transport.value())[0] == 201 and cut_off(old_transport)
     status, headers, _ = parse_response(transport.value())
     assert status == 201 and headers["x-stream-replaced"] == "true"
+
+
+def test_http_10_cut_before_the_answer_is_reset(fake):
+    """On HTTP/1.0 (no last chunk to withhold) a cut stream resets the connection."""
+    channel, transport = fake.connect()
+    channel.dataReceived(b"POST /stream/old HTTP/1.0\r\nContent-Length: 9\r\n" + AT_END
+                         + b"\r\nabc")
+    channel2, _ = fake.connect()
+    channel2.dataReceived(b"DELETE /stream/old HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.disconnected  # reset, never closed as if complete
 
 
 def test_an_append_is_answered_200_at_the_end(fake):
