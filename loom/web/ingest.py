@@ -770,10 +770,19 @@ class Ingest:
     Until the stream exists the channel is paused, so at most one network
     read is held in memory. After that every chunk is appended (handed to the
     OS) before the next one is read.
+
+    With ``respond_at_end`` the 201 (or 200) is held back until the body has
+    ended and is durable, and then sent whole; a stream cut off before that
+    gets its headers and a cut response then. A reverse proxy asks for this:
+    nginx stops forwarding a request body once it has passed a response's
+    headers on, and HAProxy 2.6 can take a 201 that arrives with a
+    ``100 Continue`` for a complete response (docs/deployment.md).
     """
 
-    def __init__(self, request: LoomRequest, store, producer_idle_timeout: float | None):
+    def __init__(self, request: LoomRequest, store, producer_idle_timeout: float | None,
+                 respond_at_end: bool = False):
         self._request = request
+        self._respond_at_end = respond_at_end
         self._store = store
         self._channel: LoomChannel = request.channel
         self._producer_idle_timeout = producer_idle_timeout
@@ -845,6 +854,8 @@ class Ingest:
             request.setHeader(b"X-Stream-Offset", b"%d" % resumed_at)
         if stream.replaced:
             request.setHeader(b"X-Stream-Replaced", b"true")
+        if self._respond_at_end:
+            return  # finish() sends the headers with the response's end (or _cut_off)
         request.write(b"")  # the headers leave now; the body of the response stays empty
 
     # body_sink
@@ -954,6 +965,19 @@ class Ingest:
             )
         if record and self._stream.outcome is None and not self._stream.closing:
             self._abort_stream(reason)
+        self._cut_off()
+
+    def _cut_off(self) -> None:
+        """End the answer so that the producer cannot take it for a clean end.
+
+        A 201 held back (``respond_at_end``) goes out now, headers only: the
+        body is over for Loom, so a proxy forwarding no more of it does no
+        harm, and its client then sees the response cut, as without a proxy
+        (curl exits 18), rather than the proxy's 502 for a reset.
+        """
+        request = self._request
+        if self._respond_at_end and not request.startedWriting and not request._disconnected:
+            request.write(b"")
         self._channel.cut_off()
 
     def _cut(self, outcome: str) -> None:
@@ -970,7 +994,7 @@ class Ingest:
             self._failed = True
             log.info("stream {stream_id} taken over: disconnecting its previous producer",
                      stream_id=self._stream.id)
-            self._channel.cut_off()
+            self._cut_off()
             return
         log.info(
             "stream {stream_id} {outcome}: disconnecting its producer",

@@ -170,6 +170,17 @@ def one_header(request, name: bytes) -> bytes | None:
     return values[0]
 
 
+def respond_at_end(request) -> bool:
+    """Whether a producer (or the proxy in front of Loom) asked for its 201 only once the
+    body has ended and is stored: ``X-Stream-Respond: at-end``; ``at-once`` is the default."""
+    value = one_header(request, b"X-Stream-Respond")
+    if value is None or value.lower() == b"at-once":
+        return False
+    if value.lower() == b"at-end":
+        return True
+    raise BadRequest("X-Stream-Respond is at-once (the default) or at-end.")
+
+
 def query_offset(request) -> int | None:
     value = single(request.args, b"offset")
     return None if value is None else count(value, "offset")
@@ -211,7 +222,8 @@ class StreamResource(JsonResource):
         metadata = one_header(request, b"X-Stream-Metadata")
         _, metadata_json = parse_metadata(metadata, self._app.max_metadata_bytes)
         self._check_declared_length(request)
-        ingest = Ingest(request, self._app.store, self._app.producer_idle_timeout)
+        ingest = Ingest(request, self._app.store, self._app.producer_idle_timeout,
+                        respond_at_end(request))
         return render_async(request, lambda: ingest.run(stream_id, metadata_json, force))
 
     def _append(self, request, stream_id: str | None, force: bool):
@@ -226,7 +238,8 @@ class StreamResource(JsonResource):
             )
         offset = count(offset, "X-Stream-Offset")
         self._check_declared_length(request)
-        ingest = Ingest(request, self._app.store, self._app.producer_idle_timeout)
+        ingest = Ingest(request, self._app.store, self._app.producer_idle_timeout,
+                        respond_at_end(request))
 
         async def append():
             try:
