@@ -28,7 +28,7 @@ import time
 from urllib.parse import quote
 
 from loom import __version__
-from loom.datadir import CATALOG, stream_file
+from loom.store.datadir import CATALOG, stream_file
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 

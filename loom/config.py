@@ -327,7 +327,7 @@ _BY_KEY = {setting.key: setting for setting in SETTINGS}
 ORIGINAL_ONLY = frozenset({"dbHost", "dbPort", "dbName", "storageMetaTable", "storageLogsTable"})
 
 # Variables that are not settings: the clients' own, and the crash tests'.
-# LOOM_CRASH_AT arms a crash point for the crash tests (see loom.faults).
+# LOOM_CRASH_AT arms a crash point for the crash tests (see loom.store.faults).
 CLIENT_VARIABLES = frozenset({"LOOM_TOKEN", "LOOM_CONFIG", "LOOM_SERVER", "LOOM_CRASH_AT"})
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sqlite3
 
-from loom.catalog import Catalog
-from loom.datadir import DirectoryLock
+from loom.store.sqlite import Catalog
+from loom.store.datadir import DirectoryLock
 from loom.store import DiskStore, InlineRunners, new_storage_name
 
 

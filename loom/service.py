@@ -11,11 +11,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from loom.catalog import CatalogError
+from loom.store.sqlite import CatalogError
 from loom.config import Config
-from loom.datadir import DataDirectoryError
+from loom.store.datadir import DataDirectoryError
 from loom.errors import ConfigError
-from loom.faults import CrashPoints
+from loom.store.faults import CrashPoints
 from loom.store import DiskStore, ThreadRunners
 from loom.web.auth import BearerAuth
 from loom.web.resources import LoomApp, Root

@@ -10,7 +10,7 @@ from twisted.python import usage
 
 from loom.config import SETTINGS, load_config
 from loom.errors import ConfigError
-from loom.faults import crash_points_from
+from loom.store.faults import crash_points_from
 from loom.service import LoomService, StartupError
 
 

@@ -27,7 +27,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from loom.config import Config
-from loom.faults import FileSystem
+from loom.store.faults import FileSystem
 from loom.service import LoomService
 from loom.store import DiskStore, InlineRunners, MemoryStore
 from loom.web.auth import BearerAuth

@@ -10,7 +10,7 @@ import treq
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
-from loom.datadir import DataDirectoryError
+from loom.store.datadir import DataDirectoryError
 from loom.errors import StorageFailed, StreamNotFound, Unavailable
 from loom.store import DiskStore, InlineRunners, new_storage_name
 from tests.helpers import TWISTD, chunk, spawn, start_producer, start_server_process

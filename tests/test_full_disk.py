@@ -8,8 +8,8 @@ import pytest_twisted
 import treq
 from twisted.internet.task import Clock
 
-from loom.catalog import Catalog
-from loom.datadir import SpaceReserve
+from loom.store.sqlite import Catalog
+from loom.store.datadir import SpaceReserve
 from loom.errors import StorageFailed, Unavailable
 from loom.store import DiskStore, InlineRunners
 from tests.helpers import (

@@ -14,7 +14,7 @@ import pytest_twisted
 import treq
 
 from loom.backup import backup, check
-from loom.datadir import stream_file
+from loom.store.datadir import stream_file
 from tests.helpers import (
     REPO,
     child_environment,

@@ -7,7 +7,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
-from loom.catalog import CatalogError
+from loom.store.sqlite import CatalogError
 from loom.errors import StreamNotFound
 from loom.store import DiskStore, InlineRunners
 from tests.test_store import read_all, result

@@ -274,7 +274,7 @@ def test_appending_after_the_end_is_refused(stores):
 
 def test_complete_waits_for_the_sync(stores):
     """complete() does not record the stream complete before its data is synced."""
-    from loom.store import _StoreBase
+    from loom.store.streams import _StoreBase
 
     store = stores.make()
     runners = ManualRunners()
@@ -348,10 +348,10 @@ def test_disk_write_failure_keeps_exactly_the_bytes_written(tmp_path, monkeypatc
             return real_write(fd, bytes(data[:3]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("loom.store.os.write", short_then_full)
+    monkeypatch.setattr("loom.store.faults.os.write", short_then_full)
     with pytest.raises(StorageFailed, match="No space left"):
         stream.append(b"abcdef")
-    monkeypatch.setattr("loom.store.os.write", real_write)
+    monkeypatch.setattr("loom.store.faults.os.write", real_write)
     assert stream.size == 8
     result(stream.abort())
     assert read_all(store, "s1") == (b"12345abc", "aborted")
@@ -404,7 +404,7 @@ def test_a_failed_background_sync_poisons_the_stream(stores):
 def test_an_end_the_catalog_refuses_is_served_and_retried(stores):
     """Disk full for SQLite too: the stream reads as aborted with its bytes, and the end is
     written to the catalog once it accepts writes again."""
-    from loom.catalog import CatalogError
+    from loom.store.sqlite import CatalogError
 
     store = stores.make()
     stream = result(store.create("s1", "{}"))
@@ -659,9 +659,9 @@ def test_followers_give_up_when_the_window_passes(stores):
 
 def test_retention_deletes_old_finished_streams_in_batches(stores, monkeypatch):
     """Finished streams older than the retention go, batch by batch; live ones stay."""
-    import loom.store
+    import loom.store.streams
 
-    monkeypatch.setattr(loom.store, "RETENTION_BATCH", 3)
+    monkeypatch.setattr(loom.store.streams, "RETENTION_BATCH", 3)
     store = stores.make()
     for index in range(7):
         result(result(store.create(f"old{index}", "{}")).complete())
@@ -677,9 +677,9 @@ def test_retention_deletes_old_finished_streams_in_batches(stores, monkeypatch):
 
 def test_a_stopping_store_ends_the_retention_sweep_between_batches(stores, monkeypatch):
     """A sweep does not start another batch once the store is stopping."""
-    import loom.store
+    import loom.store.streams
 
-    monkeypatch.setattr(loom.store, "RETENTION_BATCH", 3)
+    monkeypatch.setattr(loom.store.streams, "RETENTION_BATCH", 3)
     store = stores.make()
     for index in range(7):
         result(result(store.create(f"old{index}", "{}")).complete())
@@ -736,7 +736,7 @@ def test_a_crash_between_deleting_the_row_and_the_file_still_removes_the_file(tm
 
 def test_listing_uses_the_metadata_index(tmp_path):
     """A metadata filter is answered through the stream_meta index, not a scan."""
-    from loom.catalog import Catalog
+    from loom.store.sqlite import Catalog
 
     catalog = Catalog(str(tmp_path / "c.sqlite3"))
     plan = catalog.explain_list(meta=(("branch", "main"),), state="complete")

@@ -7,7 +7,7 @@ import json
 import re
 from datetime import UTC, datetime
 
-from loom.catalog import STATES, StreamRecord
+from loom.model import STATES, StreamRecord
 from loom.errors import BadRequest, InvalidStreamId
 from loom.ids import validate_id
 from loom.web.query import describe as describe_name

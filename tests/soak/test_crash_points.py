@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 import treq
 
-from loom.faults import CRASH_POINTS
+from loom.store.faults import CRASH_POINTS
 from tests.helpers import child_environment, chunk, raw_connect, start_server_process
 from tests.soak.invariants import check_data_dir
 

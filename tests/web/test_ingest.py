@@ -253,7 +253,7 @@ def test_storage_failure_after_201_aborts_the_producer(fake, monkeypatch):
     def full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("loom.store.os.write", full)
+    monkeypatch.setattr("loom.store.faults.os.write", full)
     channel.dataReceived(chunk(b"lost"))
     assert cut_off(transport)
     monkeypatch.undo()

@@ -79,7 +79,7 @@ def test_a_stream_cut_before_its_answer_gets_a_cut_201(fake, monkeypatch):
     def full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("loom.store.os.write", full)
+    monkeypatch.setattr("loom.store.faults.os.write", full)
     channel.dataReceived(chunk(b"lost"))
     monkeypatch.undo()
     status, headers, body = parse_response(transport.value())

@@ -12,22 +12,20 @@ Every write first checks that the path still names the file that was opened:
 a catalog deleted or replaced under a running server would otherwise take
 commits that no restart ever sees. A write that keeps the books (how a stream
 ended, a deletion, start-up marks) may ask ``make_room`` for space once when
-it fails, and is tried again if room was made (see loom.datadir.SpaceReserve).
+it fails, and is tried again if room was made (see loom.store.datadir.SpaceReserve).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sqlite3
-from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import quote
 
 from loom.errors import StreamExists
+from loom.model import STATES, StreamRecord, meta_rows
 
-STATES = ("live", "complete", "aborted", "interrupted", "damaged")
 SCHEMA_VERSION = 3
 
 _SCHEMA = f"""
@@ -66,27 +64,6 @@ CREATE TABLE IF NOT EXISTS pending_deletes (
 """
 
 
-def meta_rows(stream_id: str, metadata_json: str) -> list[tuple[str, str, str]]:
-    """The (stream, key, value) rows that index a stream's top-level metadata.
-
-    Values are compared as text: strings as they are, anything else as its
-    compact JSON (``2``, ``true``, ``null``, ``[1,2]``).
-    """
-    try:
-        metadata = json.loads(metadata_json)
-    except ValueError:
-        return []
-    if not isinstance(metadata, dict):
-        return []
-    return [(stream_id, key, meta_text(value)) for key, value in metadata.items()]
-
-
-def meta_text(value) -> str:
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
 class CatalogError(Exception):
     """The catalog database failed (disk full, I/O error, corruption)."""
 
@@ -97,20 +74,6 @@ class CatalogGone(CatalogError):
 
 class NotACatalog(CatalogError):
     """The file opened as the catalog holds no streams table (empty or not Loom's)."""
-
-
-@dataclass(frozen=True)
-class StreamRecord:
-    """A catalog row. ``metadata`` is the stored JSON text; ``reason`` explains an odd state."""
-
-    id: str
-    storage: str
-    metadata: str
-    state: str
-    size: int
-    created_ms: int
-    finished_ms: int | None = None
-    reason: str | None = None
 
 
 _COLUMNS = "id, storage, metadata, state, size, created_ms, finished_ms, reason"
