@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 
 from loom.spy import MAX_PARTIAL, PALETTE, LineFramer, Spy, SpyFormat, clean_line
 from loom.store import MemoryStore
-from tests.test_follow import Sink, run_pending
+from tests.test_follow import ShortSink, Sink, run_pending
 from tests.test_store import result
 
 ANSI = re.compile(rb"\x1b\[[0-9;]*m")
@@ -221,3 +221,18 @@ def test_stop_leaves_nothing_behind(store, clock):
 
 def cursor_free(spy) -> bool:
     return spy.streams == 0
+
+
+def test_what_a_spy_client_did_not_take_goes_first_when_it_resumes(store, clock):
+    """Lines a spy client's connection did not take are kept and sent first when it
+    resumes: none lost, none repeated, none out of order."""
+    stream = result(store.create("s", "{}"))
+    sink = ShortSink(take=10)
+    Spy(store, sink, clock).start()
+    for index in range(300):
+        stream.append(b"line %d\n" % index)
+    result(stream.complete())
+    end = b"END s complete %d\n" % stream.size
+    sink.resume_until_done(clock, lambda: sink.data.endswith(end))
+    assert lines(sink) == ["START s {}", *(f"s | line {i}" for i in range(300)),
+                           f"END s complete {stream.size}"]
