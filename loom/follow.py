@@ -17,11 +17,17 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from loom.buffers import pieces
 from loom.store import ABORTED, COMPLETE, LiveStream, StreamHandle
 
 log = Logger()
 
 READ_SIZE = 128 * 1024
+# Fresh bytes are handed over from memory at most this much per send: a socket
+# with a capped buffer takes a run of these whole (between two sends the kernel
+# moves the last one on), where one large send is cut short and the rest must
+# be read back from the file.
+PIECE = 64 * 1024
 # Bytes sent per reactor turn before yielding, for consumers that never pause.
 TURN_BUDGET = 1024 * 1024
 
@@ -169,8 +175,15 @@ class Follower(StallingPushProducer):
         if self._offset == start and self._scheduled is None:
             # Caught up: hand the fresh bytes over without touching the file. What
             # the consumer does not take now is read from the file when it resumes.
-            taken = self._sink.write(parts, size)
-            self._offset += taken
+            if size <= PIECE:
+                taken = self._sink.write(parts, size)
+                self._offset += taken
+                return
+            for piece, piece_size in pieces(parts, size, PIECE):
+                taken = self._sink.write(piece, piece_size)
+                self._offset += taken
+                if taken < piece_size or self._paused or self._done:
+                    return
         else:
             self._pump()
 

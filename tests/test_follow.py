@@ -242,7 +242,7 @@ class ShortSink(Sink):
         raise AssertionError("never done")
 
 
-@pytest.mark.parametrize("take", [100, 1000, 65536])
+@pytest.mark.parametrize("take", [100, 1000, 50000])
 def test_a_follower_goes_on_from_the_first_byte_its_consumer_did_not_take(store, take):
     """A consumer that takes part of a write and pauses gets the rest, once and in order,
     when it resumes: for history read from the file and for fresh chunks from memory."""
@@ -259,3 +259,16 @@ def test_a_follower_goes_on_from_the_first_byte_its_consumer_did_not_take(store,
     result(stream.complete())
     sink.resume_until_done(clock, lambda: sink.ended)
     assert bytes(sink.data) == data
+
+
+def test_fresh_bytes_are_handed_over_in_pieces_a_socket_takes_whole(store):
+    """A large fresh chunk goes to a caught-up follower's consumer in pieces of at most
+    64 KiB: one large send would be cut short by a capped socket buffer."""
+    stream = result(store.create("s", "{}"))
+    sink = Sink()
+    sizes = []
+    write = sink.write
+    sink.write = lambda parts, size: sizes.append(size) or write(parts, size)
+    Follower(store.open("s"), sink, Clock()).start()
+    stream.append(b"x" * 300_000)
+    assert bytes(sink.data) == b"x" * 300_000 and max(sizes) == 64 * 1024
