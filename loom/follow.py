@@ -4,7 +4,9 @@ A follower is an IPushProducer registered on its consumer. It reads the
 stream's file by offset while the consumer is not paused; when it has caught
 up it waits for the stream to grow. A caught-up, unpaused follower takes fresh
 chunks straight from the writer; a paused one falls back to the file, so a
-slow consumer costs a file offset, never a buffer.
+slow consumer costs a file offset, never a buffer. The consumer takes only
+what its connection accepts at once and pauses the follower for the rest,
+which stays in the file: a stalled reader holds no stream bytes in memory.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from loom.store import ABORTED, COMPLETE, LiveStream, StreamHandle
 log = Logger()
 
 READ_SIZE = 128 * 1024
-# Fresh bytes are handed over from memory at most this much at a time: a
-# consumer that pauses has at most one piece queued, and the rest stays in the file.
+# Fresh bytes are handed over from memory at most this much per send: a socket
+# with a capped buffer takes a run of these whole (between two sends the kernel
+# moves the last one on), where one large send is cut short and the rest must
+# be read back from the file.
 PIECE = 64 * 1024
 # Bytes sent per reactor turn before yielding, for consumers that never pause.
 TURN_BUDGET = 1024 * 1024
@@ -31,8 +35,10 @@ TURN_BUDGET = 1024 * 1024
 class FollowerSink(Protocol):
     """Where a follower's bytes go (the web layer adapts a request to this)."""
 
-    def write(self, parts: list, size: int) -> None:
-        """Send ``size`` bytes held in ``parts`` (bytes or memoryviews)."""
+    def write(self, parts: list, size: int) -> int:
+        """Send ``size`` bytes held in ``parts`` (bytes or memoryviews); return how many
+        were taken. Fewer means the producer was paused: it offers the rest again
+        once resumed, and the sink keeps nothing of it."""
 
     def end(self) -> None:
         """The stream ended normally and every byte was written."""
@@ -167,16 +173,17 @@ class Follower(StallingPushProducer):
         if self._done or self._paused:
             return
         if self._offset == start and self._scheduled is None:
-            # Caught up: hand the fresh bytes over without touching the file.
+            # Caught up: hand the fresh bytes over without touching the file. What
+            # the consumer does not take now is read from the file when it resumes.
             if size <= PIECE:
-                self._offset += size
-                self._sink.write(parts, size)
+                taken = self._sink.write(parts, size)
+                self._offset += taken
                 return
             for piece, piece_size in pieces(parts, size, PIECE):
-                self._offset += piece_size
-                self._sink.write(piece, piece_size)
-                if self._paused or self._done:
-                    return  # the rest is read from the file when the consumer is ready
+                taken = self._sink.write(piece, piece_size)
+                self._offset += taken
+                if taken < piece_size or self._paused or self._done:
+                    return
         else:
             self._pump()
 
@@ -219,9 +226,9 @@ class Follower(StallingPushProducer):
                     )
                     self._finish(clean=False)
                     return
-                self._offset += len(data)
                 budget -= len(data)
-                self._sink.write([data], len(data))
+                taken = self._sink.write([data], len(data))
+                self._offset += taken
                 continue
             if self._live is None:
                 self._finish(clean=True)

@@ -14,8 +14,9 @@ sequences in the data are removed, so a stream cannot repaint the viewer's
 terminal; ``?color`` adds Loom's own colours.
 
 ``Spy`` is one IPushProducer per client. It reads each stream by offset, so a
-client that stops reading costs offsets, not memory; a client that falls more
-than ``max_lag`` bytes behind a stream skips ahead and is told so.
+client that stops reading costs offsets, not memory (at most the lines of one
+read that its connection did not take); a client that falls more than
+``max_lag`` bytes behind a stream skips ahead and is told so.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from loom.store import LiveStream, StreamHandle
 PALETTE = (31, 32, 33, 34, 35, 36, 91, 92, 94, 95)
 MAX_PARTIAL = 4096
 PARTIAL_SECONDS = 1.0
-READ_SIZE = 64 * 1024
+# Lines are written after each read: a client that stops reading keeps at most
+# the lines of one read (and those queued before it) that its connection did not take.
+READ_SIZE = 16 * 1024
 TURN_BUDGET = 512 * 1024
 DEFAULT_MAX_LAG = 4 * 1024 * 1024
 
@@ -194,6 +197,7 @@ class Spy(StallingPushProducer):
         # first is the next to show, so nothing here walks every stream.
         self._held: dict[LiveStream, None] = {}
         self._queued: list[bytes] = []  # lines waiting for the next write
+        self._unsent: list[bytes] = []  # what the client's connection did not take yet
         self._paused = False
         self._stopped = False
         self._pumping = False
@@ -224,6 +228,7 @@ class Spy(StallingPushProducer):
         self._ready.clear()
         self._held.clear()
         self._queued.clear()
+        self._unsent.clear()
         self._cancel_flush()
         self._stall.cancel()
 
@@ -242,17 +247,15 @@ class Spy(StallingPushProducer):
         cursor = self._cursors.get(stream)
         if cursor is None:
             return
-        if (cursor.offset == start and not self._paused and not self._pumping
-                and stream not in self._ready):
+        if (parts is not None and cursor.offset == start and not self._paused
+                and not self._pumping and not self._unsent and stream not in self._ready):
             # Caught up: frame the fresh bytes as they are, without reading the file.
             # The work is this stream's alone, whatever the number of streams.
             cursor.offset += size
             out = self._queued
             self._queued = []
             self._feed(stream, cursor, parts[0] if len(parts) == 1 else b"".join(parts), out)
-            if out:
-                block = b"".join(out)
-                self._sink.write([block], len(block))
+            self._send(out)  # what the client does not take now goes first when it resumes
             self._schedule_flush()
             return
         self._ready[stream] = None
@@ -295,20 +298,35 @@ class Spy(StallingPushProducer):
     def _pump_turn(self) -> None:
         budget = TURN_BUDGET
         while not self._paused and not self._stopped:
+            unsent, self._unsent = self._unsent, []
+            if not self._send(unsent):
+                return
             out = self._queued
             self._queued = []
             for stream in list(self._ready):
                 if budget <= 0:
                     break
                 budget -= self._advance(stream, out)
-            if out:
-                block = b"".join(out)
-                self._sink.write([block], len(block))
+                if not self._send(out):
+                    return
+                out = []
+            if not self._send(out):
+                return
             if not self._ready and not self._queued:
                 return
             if budget <= 0:
                 self._clock.callLater(0, self._pump)
                 return
+
+    def _send(self, out: list[bytes]) -> bool:
+        """Write the lines in ``out``; False if the client paused (what it did not take is
+        kept to go first when it resumes)."""
+        if out:
+            block = out[0] if len(out) == 1 else b"".join(out)
+            taken = self._sink.write([block], len(block))
+            if taken < len(block):
+                self._unsent = [block[taken:]]
+        return not (self._paused or self._stopped or self._unsent)
 
     def _advance(self, stream: LiveStream, out: list[bytes]) -> int:
         """Read one slice of ``stream`` into ``out``; return the bytes read."""

@@ -28,6 +28,7 @@ class Sink:
         self.writes += 1
         if self.limit is not None and len(self.data) >= self.limit:
             self.producer.pauseProducing()
+        return size
 
     def registerProducer(self, producer, streaming):
         assert streaming
@@ -209,3 +210,65 @@ def test_file_shorter_than_recorded_is_cut_not_looped(store):
     sink = Sink()
     Follower(handle, sink, Clock(), end=10).start()
     assert bytes(sink.data) == b"abc" and sink.cut_off
+
+
+class ShortSink(Sink):
+    """A consumer whose connection takes at most ``take`` bytes of a write and pauses its
+    producer when it took fewer than offered, as a full socket does."""
+
+    def __init__(self, take):
+        super().__init__()
+        self.take = take
+        self.paused = False
+
+    def write(self, parts, size):
+        assert not self.paused, "written to while paused"
+        data = b"".join(parts)[: self.take]
+        super().write([data], len(data))
+        if len(data) < size:
+            self.paused = True
+            self.producer.pauseProducing()
+        return len(data)
+
+    def resume_until_done(self, clock, done, rounds=10000):
+        """Let the consumer take more, again and again, until ``done()``."""
+        for _ in range(rounds):
+            if done():
+                return
+            if self.paused:
+                self.paused = False
+                self.producer.resumeProducing()
+            run_pending(clock)
+        raise AssertionError("never done")
+
+
+@pytest.mark.parametrize("take", [100, 1000, 50000])
+def test_a_follower_goes_on_from_the_first_byte_its_consumer_did_not_take(store, take):
+    """A consumer that takes part of a write and pauses gets the rest, once and in order,
+    when it resumes: for history read from the file and for fresh chunks from memory."""
+    data = bytes(range(256)) * 1200
+    stream = result(store.create("s", "{}"))
+    stream.append(data[:200000])
+    sink, clock = ShortSink(take), Clock()
+    follower = Follower(store.open("s"), sink, clock)
+    follower.start()
+    assert sink.paused and len(sink.data) == take
+    sink.resume_until_done(clock, lambda: follower.offset == 200000)
+    stream.append(data[200000:])  # caught up: handed over from memory, taken in part
+    assert len(sink.data) == 200000 + take and sink.paused
+    result(stream.complete())
+    sink.resume_until_done(clock, lambda: sink.ended)
+    assert bytes(sink.data) == data
+
+
+def test_fresh_bytes_are_handed_over_in_pieces_a_socket_takes_whole(store):
+    """A large fresh chunk goes to a caught-up follower's consumer in pieces of at most
+    64 KiB: one large send would be cut short by a capped socket buffer."""
+    stream = result(store.create("s", "{}"))
+    sink = Sink()
+    sizes = []
+    write = sink.write
+    sink.write = lambda parts, size: sizes.append(size) or write(parts, size)
+    Follower(store.open("s"), sink, Clock()).start()
+    stream.append(b"x" * 300_000)
+    assert bytes(sink.data) == b"x" * 300_000 and max(sizes) == 64 * 1024

@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 
 from loom.spy import MAX_PARTIAL, PALETTE, LineFramer, Spy, SpyFormat, clean_line
 from loom.store import MemoryStore
-from tests.test_follow import Sink, run_pending
+from tests.test_follow import ShortSink, Sink, run_pending
 from tests.test_store import result
 
 ANSI = re.compile(rb"\x1b\[[0-9;]*m")
@@ -275,3 +275,18 @@ def test_held_lines_are_shown_oldest_first_each_at_its_own_time(store, clock):
     clock.advance(0.3)  # t = 1.71
     assert lines(sink)[5:] == ["c | c-partial"]
     assert clock.getDelayedCalls() == []
+
+
+def test_what_a_spy_client_did_not_take_goes_first_when_it_resumes(store, clock):
+    """Lines a spy client's connection did not take are kept and sent first when it
+    resumes: none lost, none repeated, none out of order."""
+    stream = result(store.create("s", "{}"))
+    sink = ShortSink(take=10)
+    Spy(store, sink, clock).start()
+    for index in range(300):
+        stream.append(b"line %d\n" % index)
+    result(stream.complete())
+    end = b"END s complete %d\n" % stream.size
+    sink.resume_until_done(clock, lambda: sink.data.endswith(end))
+    assert lines(sink) == ["START s {}", *(f"s | line {i}" for i in range(300)),
+                           f"END s complete {stream.size}"]

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
-from loom.buffers import after
+from loom.buffers import after, before
 from loom.errors import BadRequest, StorageFailed, StreamCut, StreamGone, StreamTooLarge
 from loom.store import TAKEN_OVER, LiveStream
 from loom.web.query import parse_query
@@ -48,6 +48,9 @@ _MAX_LENGTH_DIGITS = 19
 # The longest request target (path and query) accepted: room for any id and a
 # query of filters, and a bound on the work a query string can ask for.
 MAX_TARGET_BYTES = 8192
+# The most handed at once to a transport that is not written directly (TLS):
+# a stalled reader's transport holds its buffer size and at most this more.
+_SLICE = 16 * 1024
 
 
 class _BodyDecoder:
@@ -562,25 +565,29 @@ class LoomChannel(http.HTTPChannel):
                 return
             transport = getattr(transport, "transport", None)
 
-    def send_now(self, parts: list) -> None:
-        """Send ``parts``, straight to the socket when nothing else is waiting to go.
+    def send_some(self, parts: list, size: int) -> int:
+        """Send what the connection takes now of ``parts`` (``size`` bytes); return how many.
 
-        Twisted always buffers a write and sends it on the next reactor turn,
-        registering and unregistering the socket with epoll each time. For a
-        reader that is keeping up, sending at once saves those system calls and
-        a turn of latency; whatever the socket does not take is queued as usual,
-        so ordering and back-pressure are unchanged.
+        Fewer than ``size`` means the response's producer has been paused; it
+        is resumed when the connection can take more, and must then offer the
+        rest again. So a reader that stops reading costs no buffer here: a
+        follower keeps what was not taken in the stream's file, as an offset.
+
+        On plain TCP the bytes go straight to the socket, in one system call,
+        when Twisted holds nothing else for it; that also saves a reactor turn
+        of latency for a reader that keeps up. Other transports (TLS) are
+        handed slices until they pause the producer, which they do once their
+        own buffer holds more than its size (64 KiB): a bounded fallback.
         """
         transport = self.transport
         # Only a plain TCP connection: a TLS wrapper forwards attribute lookups
         # to the TCP transport beneath it, whose socket must never see plaintext.
-        if (
-            type(transport) is tcp.Server
-            and not transport._tempDataBuffer
-            and transport.offset == len(transport.dataBuffer)
-            and transport.connected
-            and not transport.disconnecting
-        ):
+        if type(transport) is not tcp.Server or transport.TLS:
+            return self._send_sliced(parts, size)
+        usable = transport.connected and not transport.disconnecting
+        idle = not transport._tempDataBuffer and transport.offset == len(transport.dataBuffer)
+        sent = 0
+        if usable and idle:
             try:
                 if len(parts) == 1:
                     sent = transport.socket.send(parts[0])
@@ -589,11 +596,37 @@ class LoomChannel(http.HTTPChannel):
             except BlockingIOError:
                 sent = 0
             except OSError:
-                sent = 0  # the transport will find the error when it writes
-            parts = after(parts, sent)
-            if not parts:
-                return
-        transport.writeSequence([bytes(part) for part in parts])
+                sent = 0
+                usable = False  # broken: the transport finds the error when it writes
+            if sent == size:
+                return size
+        if not usable or transport.producer is not self:
+            # Nothing would resume a pause (the connection is closing): queue as any write.
+            transport.writeSequence([bytes(part) for part in after(parts, sent)])
+            return size
+        # Twisted resumes a streaming producer that it paused once its buffer
+        # has drained and the socket is writable (FileDescriptor.doWrite):
+        # mark this pause as one of those, so that the same path ends it.
+        transport.producerPaused = True
+        self.pauseProducing()
+        transport.startWriting()
+        return sent
+
+    def _send_sliced(self, parts: list, size: int) -> int:
+        """Hand ``parts`` to the transport a slice at a time until it pauses the producer."""
+        taken = 0
+        while taken < size:
+            piece = before(after(parts, taken), _SLICE)
+            self.transport.writeSequence([bytes(part) for part in piece])
+            taken += min(_SLICE, size - taken)
+            if self._waitingForTransport:
+                break  # paused: the rest waits with the caller
+        return taken
+
+    def write_framing(self, data: bytes) -> None:
+        """Queue the few bytes of HTTP framing that complete what was sent (sent in order)."""
+        if self.transport is not None:
+            self.transport.write(data)
 
     def abort(self) -> None:
         """Drop the connection at once, without flushing (the client is stuck)."""
@@ -659,6 +692,47 @@ def _origin_form(target: bytes) -> bytes:
     return path if path.startswith(b"/") else b"/" + path
 
 
+def _chunk_runs(size: int, owed: int) -> list[tuple[bytes | None, int]]:
+    """How ``size`` payload bytes go out in chunked coding when the first ``owed`` of them
+    finish a chunk begun earlier, in order: payload ``(None, n)``, and framing
+    ``(bytes, size of the chunk it opens)`` (0 for the CRLF that ends a chunk)."""
+    runs: list[tuple[bytes | None, int]] = []
+    if owed:
+        first = min(owed, size)
+        runs.append((None, first))
+        if first < owed:
+            return runs
+        runs.append((b"\r\n", 0))
+        size -= first
+        if not size:
+            return runs
+    runs += [(b"%x\r\n" % size, size), (None, size), (b"\r\n", 0)]
+    return runs
+
+
+def _chunks_sent(size: int, owed: int, sent: int) -> tuple[int, int, bytes]:
+    """After ``sent`` bytes of ``_chunk_runs(size, owed)`` went out: the payload bytes
+    taken, the payload still owed to a chunk that was begun, and the framing bytes
+    that were begun but not sent (they must follow before anything else)."""
+    taken = 0
+    for framing, n in _chunk_runs(size, owed):
+        if framing is None:
+            part = min(sent, n)
+            taken, owed, sent = taken + part, owed - part, sent - part
+            if part < n:
+                break
+            continue
+        part = min(sent, len(framing))
+        sent -= part
+        if n:  # a chunk's head
+            if not part:
+                break  # that chunk was not begun: nothing of it is owed
+            owed = n
+        if part < len(framing):
+            return taken, owed, framing[part:]
+    return taken, owed, b""
+
+
 class LoomRequest(server.Request):
     """A request that can be dispatched when its headers arrive and never spools its body."""
 
@@ -669,6 +743,8 @@ class LoomRequest(server.Request):
     dispatched_early = False
     body_done = False
     stream_id: str | None = None
+    # Payload bytes of a response chunk whose head was sent but whose payload was not all.
+    _chunk_owed = 0
 
     def gotLength(self, length):
         # No temporary file: bodies are streamed to ``body_sink`` or discarded.
@@ -729,24 +805,61 @@ class LoomRequest(server.Request):
         # the response has begun), never twisted.web's HTML traceback page.
         answer_failure(self, reason)
 
-    def write_body(self, parts: list, size: int) -> None:
-        """Write response body bytes (``size`` of them, in ``parts``) the fast way.
+    def write_body(self, parts: list, size: int) -> int:
+        """Send response body bytes (``size`` of them, in ``parts``) the fast way; return
+        how many the connection took now.
 
         Equivalent to ``write(b"".join(parts))`` once the headers are out,
         without twisted.web's per-call layers or a copy: the chunk header,
         the parts and the trailing CRLF go to the socket in one system call
-        when it can take them right now.
+        when it can take them right now. Fewer than ``size`` taken means the
+        producer was paused (see ``LoomChannel.send_some``) and must offer the
+        rest again when resumed; a chunk whose head went out is then finished
+        first, so the chunked framing stays exact wherever the socket cut it.
         """
         if self._disconnected or not size:
-            return
-        self.sentLength += size
-        self.site.counters.bytes_out += size
-        if self.chunked:
-            if size <= _SHARED_FRAME_LIMIT:
-                parts = [_shared_frame(parts, size)]
-            else:
-                parts = [b"%x\r\n" % size, *parts, b"\r\n"]
-        self.channel.send_now(parts)
+            return size
+        if not self.chunked:
+            taken = self.channel.send_some(parts, size)
+        elif not self._chunk_owed and size <= _SHARED_FRAME_LIMIT:
+            # The common case, kept short: a small fresh chunk, framed once for all.
+            frame = _shared_frame(parts, size)
+            sent = self.channel.send_some([frame], len(frame))
+            taken = size if sent == len(frame) else self._chunk_cut(size, sent)
+        else:
+            taken = self._write_chunked(parts, size)
+        self.sentLength += taken
+        self.site.counters.bytes_out += taken
+        return taken
+
+    def _write_chunked(self, parts: list, size: int) -> int:
+        """``write_body`` for a large chunk, or after a chunk was cut."""
+        owed = self._chunk_owed
+        if not owed:
+            head = b"%x\r\n" % size
+            wire, wire_size = [head, *parts, b"\r\n"], len(head) + size + 2
+        else:  # first the rest of a chunk begun earlier
+            wire, rest = [], parts
+            for framing, n in _chunk_runs(size, owed):
+                if framing is None:
+                    wire += before(rest, n)
+                    rest = after(rest, n)
+                else:
+                    wire.append(framing)
+            wire_size = sum(len(part) for part in wire)
+        sent = self.channel.send_some(wire, wire_size)
+        if sent == wire_size:
+            self._chunk_owed = max(0, owed - size)
+            return size
+        return self._chunk_cut(size, sent)
+
+    def _chunk_cut(self, size: int, sent: int) -> int:
+        """The connection took ``sent`` bytes of a write of ``size`` payload bytes: note
+        what the chunk begun still owes, queue the framing begun; return the payload taken."""
+        taken, self._chunk_owed, framing = _chunks_sent(size, self._chunk_owed, sent)
+        if framing:
+            self.channel.write_framing(framing)
+        return taken
 
     def finish(self):
         if self.dispatched_early and not self.body_done and self.channel is not None:
