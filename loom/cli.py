@@ -27,6 +27,7 @@ from loom.client import (
     LoomClientError,
     ServerAborted,
     SizeMismatch,
+    StreamExists,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANNOT_CONNECT, EXIT_ABORTED = 0, 1, 2, 3, 4
@@ -304,6 +305,9 @@ async def _stream(reactor, args, metadata, interrupted: list[bool]) -> int:
             # Another producer holds the stream for now, or its end is still being
             # recorded: the server says when to ask again.
             failure, size, wait = e, None, max(backoff, e.retry_after)
+        except StreamExists as e:
+            sys.stderr.write(f"{e}; use --force\n")
+            return EXIT_FAILED
         except LoomClientError as e:
             sys.stderr.write(f"{e}\n")
             return EXIT_FAILED

@@ -479,8 +479,9 @@ def json_body(body: bytes) -> dict:
     return json.loads(body.decode("utf-8"))
 
 
-def make_tls_files(directory) -> tuple[str, str]:
-    """A self-signed certificate for localhost and 127.0.0.1: (key path, certificate path)."""
+def make_tls_files(directory, with_ip: bool = True) -> tuple[str, str]:
+    """A self-signed certificate for localhost and (``with_ip``) 127.0.0.1: (key path,
+    certificate path)."""
     import datetime
     import ipaddress
 
@@ -501,7 +502,8 @@ def make_tls_files(directory) -> tuple[str, str]:
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            [x509.DNSName("localhost")]
+            + ([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if with_ip else [])
         ), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
