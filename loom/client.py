@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Callable
@@ -24,6 +25,7 @@ from urllib.parse import quote, urlsplit
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseFailed
@@ -573,6 +575,7 @@ class _Upload(Protocol):
         self._response_done = False
 
     def connectionMade(self):
+        _watch_peer(self.transport)
         self.transport.write(self._request)
         writer = _ChunkedWriter(self.transport, self._count)
         if self._body.length is not UNKNOWN_LENGTH and self._body.length == 0:
@@ -692,6 +695,29 @@ class _Upload(Protocol):
             self._stop_body()
         tls = _tls_failure(reason, self._client.base) if self._status is None else None
         self._fail(tls or ServerAborted("server aborted the stream"))
+
+
+# A producer that has sent data the server has not acknowledged for this long is cut off
+# (and can resume): a black-holed network is noticed in two minutes, not TCP's fifteen.
+UNACKNOWLEDGED_LIMIT_MS = 120_000
+
+
+def _watch_peer(transport) -> None:
+    """TCP keepalive on an upload's connection (probes after a minute of silence), and the
+    limit above on unacknowledged data, where the platform has them."""
+    while hasattr(transport, "wrappedProtocol"):
+        transport = transport.transport  # TLS wraps the TCP connection
+    if not ITCPTransport.providedBy(transport):
+        return
+    transport.setTcpKeepAlive(True)
+    sock = transport.getHandle()
+    for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4),
+                          ("TCP_USER_TIMEOUT", UNACKNOWLEDGED_LIMIT_MS)):
+        if hasattr(socket, option):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+            except OSError:  # not for this socket here: the defaults stay
+                pass
 
 
 def _chunked_complete(buffer: bytearray) -> bool:

@@ -358,3 +358,24 @@ async def test_a_proxys_error_page_is_summarised_in_one_line():
     finally:
         await port.stopListening()
 
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_notices_a_vanished_server(server):
+    """A push's connection has TCP keepalive and a two-minute limit on unacknowledged data,
+    so a black-holed network ends it (and a resume can follow) instead of hanging."""
+    import socket
+
+    from twisted.internet import tcp
+
+    client = LoomClient(server.url)
+    source, pushing = await open_push(client, "watched", b"x")
+    [channel] = list(server.service.site.channels)
+    client_port = channel.transport.getPeer().port
+    [upload] = [reader for reader in reactor.getReaders()
+                if isinstance(reader, tcp.Client) and reader.getHost().port == client_port]
+    sock = upload.getHandle()
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 120_000
+    source.end()
+    await guard(pushing)
