@@ -19,6 +19,7 @@ from twisted.internet.protocol import Protocol
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from loom import __version__
 from loom.client import (
     Busy,
     CannotConnect,
@@ -81,6 +82,7 @@ def _stream_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("server", help="the server's base URL, e.g. http://localhost:3060")
     parser.add_argument("stream_id", nargs="?", help="the stream's id (default: the server picks one)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--force", action="store_true", help="replace the stream if it exists")
     parser.add_argument("--meta", metavar="JSON", help="metadata as a JSON object")
     parser.add_argument("-m", dest="fields", action="append", default=[], metavar="KEY=VALUE",
@@ -387,6 +389,7 @@ def _spy_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("server", help="the server's base URL, e.g. http://localhost:3060")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--token", default=os.environ.get("LOOM_TOKEN"),
                         help="bearer token (default: $LOOM_TOKEN)")
     parser.add_argument("--no-color", action="store_true", help="plain text, no colours")

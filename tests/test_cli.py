@@ -10,6 +10,7 @@ from twisted.internet import reactor
 
 from tests.helpers import (
     REPO,
+    TWISTD,
     child_environment,
     guard,
     make_tls_files,
@@ -245,3 +246,16 @@ async def test_spy_reconnects_when_the_server_restarts(tmp_path):
         process.signal("INT")
         await process.wait()
     assert "Traceback" not in process.text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_tool_tells_its_version():
+    """twistd loom, bin/stream and bin/spy --version print loom.__version__ and exit 0."""
+    from loom import __version__
+
+    for argv, expected in [(TWISTD + ["loom", "--version"], "loom"),
+                           (STREAM + ["--version"], "loom-stream"),
+                           (SPY + ["--version"], "loom-spy")]:
+        code, out, err = await run(argv)
+        assert code == 0, err
+        assert out.decode().split()[:2] == [expected, __version__]
