@@ -1,8 +1,11 @@
 """bin/stream and bin/spy, run for real in subprocesses against a loopback server."""
 
+import os
 import re
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest_twisted
 import treq
@@ -259,3 +262,47 @@ async def test_every_tool_tells_its_version():
         code, out, err = await run(argv)
         assert code == 0, err
         assert out.decode().split()[:2] == [expected, __version__]
+
+
+def _copy_checkout(tmp_path) -> Path:
+    checkout = tmp_path / "checkout"
+    for part in ("bin", "loom", "twisted"):
+        shutil.copytree(REPO / part, checkout / part,
+                        ignore=shutil.ignore_patterns("__pycache__", "dropin.cache"))
+    return checkout
+
+
+@pytest_twisted.ensureDeferred
+async def test_bin_tools_without_dependencies_say_exactly_what_to_run(tmp_path):
+    """bin/stream run by a Python without Loom's dependencies (and no .venv in the checkout)
+    prints the commands that make one, and still reads its input to the end."""
+    checkout = _copy_checkout(tmp_path)
+    python = [sys.executable, "-S"]  # -S: this Python's packages are out of sight
+    code, out, err = await run(python + [str(checkout / "bin" / "stream"), "--tee",
+                                         "http://127.0.0.1:1", "x"], stdin=b"z" * 300_000)
+    assert code == 2 and out == b"z" * 300_000
+    assert (f"python3 -m venv {checkout}/.venv && {checkout}/.venv/bin/pip install {checkout}"
+            in err.decode())
+    code, out, err = await run(python + [str(checkout / "bin" / "spy"), "--version"])
+    assert code == 2 and f"{checkout}/.venv/bin/pip install {checkout}" in err.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bin_tools_use_the_checkouts_virtualenv(tmp_path):
+    """bin/stream and bin/spy started by a Python without Loom's dependencies run with the
+    checkout's .venv (as the README makes it) instead."""
+    checkout = _copy_checkout(tmp_path)
+    venv = checkout / ".venv"
+    code, out, err = await run([sys.executable, "-m", "venv", "--without-pip", str(venv)],
+                               seconds=120)
+    assert code == 0, err
+    # This environment's packages stand in for `pip install` (no network in tests).
+    site = next((venv / "lib").glob("python*/site-packages"))
+    deps = os.path.dirname(os.path.dirname(__import__("twisted").__file__))
+    (site / "deps.pth").write_text(deps + "\n")
+    from loom import __version__
+
+    for tool, name in (("stream", "loom-stream"), ("spy", "loom-spy")):
+        code, out, err = await run([sys.executable, "-S", str(checkout / "bin" / tool),
+                                    "--version"])
+        assert (code, out.decode().split()) == (0, [name, __version__]), err
