@@ -14,7 +14,7 @@ import sys
 from typing import Callable
 
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReadDescriptor
 from twisted.internet.protocol import Protocol
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
@@ -29,6 +29,8 @@ from loom.client import (
     ServerAborted,
     SizeMismatch,
     StreamExists,
+    Unauthorized,
+    UntrustedCertificate,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANNOT_CONNECT, EXIT_ABORTED = 0, 1, 2, 3, 4
@@ -47,6 +49,36 @@ def _trust_root(path: str | None):
 
     with open(path, "rb") as f:
         return Certificate.loadPEM(f.read())
+
+
+# --- failures, as someone at a terminal reads them -------------------------------------
+
+INITIAL_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+
+
+def _exit_status(error: LoomClientError) -> int:
+    """The exit status for a failure that ends the tool (see STREAM_HELP)."""
+    if isinstance(error, CannotConnect) or (
+        error.retryable and getattr(error, "status", None) in (502, 503, 504)
+    ):
+        return EXIT_CANNOT_CONNECT  # nothing answered but (at most) a proxy
+    if error.retryable:  # cut off, or another producer holds the stream
+        return EXIT_ABORTED
+    return EXIT_FAILED
+
+
+def _explain(error: LoomClientError, args) -> str:
+    """The error's line, with what the command line can do about it."""
+    if isinstance(error, StreamExists):
+        return f"{error} (--force replaces it)"
+    if isinstance(error, UntrustedCertificate):
+        if args.cacert:
+            return f"{error} (checked against --cacert {args.cacert})"
+        return f"{error}; --cacert FILE trusts a private CA"
+    if isinstance(error, Unauthorized):
+        return f"{error} (the token: --token or $LOOM_TOKEN)"
+    return str(error)
 
 
 # --- loom-stream ---------------------------------------------------------------------
@@ -374,13 +406,15 @@ Watch every live stream on a Loom server, one line at a time, each stream in its
 
 examples:
   loom-spy http://localhost:3060
-  loom-spy https://loom.example.com --token "$LOOM_TOKEN" | grep build-42
+  loom-spy https://loom.example.com --token "$LOOM_TOKEN" | grep '^build-42 '
+  loom-spy http://localhost:3060 | grep -m1 '^END build-42 '    # wait for build-42 to end
 
 When the server goes away, loom-spy says so and reconnects with a growing pause
-(up to 30 s). Ctrl-C quits. Colour is off with --no-color or when NO_COLOR is set.
+(up to 30 s); a server that refuses it (a bad token, an untrusted certificate)
+ends it with one line and a non-zero status. Colour is on only when standard
+output is a terminal (--color forces it, --no-color or NO_COLOR turns it off).
+Ctrl-C quits, and so does closing its output (| head): quietly, with status 0.
 """
-
-MAX_BACKOFF = 30.0
 
 
 def _spy_parser() -> argparse.ArgumentParser:
@@ -392,27 +426,35 @@ def _spy_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--token", default=os.environ.get("LOOM_TOKEN"),
                         help="bearer token (default: $LOOM_TOKEN)")
-    parser.add_argument("--no-color", action="store_true", help="plain text, no colours")
+    colour = parser.add_mutually_exclusive_group()
+    colour.add_argument("--color", action="store_true",
+                        help="colours even when standard output is not a terminal")
+    colour.add_argument("--no-color", action="store_true", help="plain text, no colours")
     parser.add_argument("--cacert", metavar="FILE",
                         help="trust this PEM certificate for https (default: the system's)")
     return parser
 
 
-async def _spy(reactor, args, out, quitting: list[bool]) -> int:
+def _spy_colour(args, output) -> bool:
+    if args.color or args.no_color:
+        return args.color
+    return not os.environ.get("NO_COLOR") and output.isatty()
+
+
+async def _spy(reactor, args, out, quitting: list[bool], color: bool = False) -> int:
     from twisted.internet.task import deferLater
 
-    color = not args.no_color and not os.environ.get("NO_COLOR")
     try:
         client = LoomClient(args.server, args.token, reactor, _trust_root(args.cacert))
     except (ValueError, OSError) as e:
         _say("loom-spy", str(e))
         return EXIT_USAGE
-    backoff = 0.5
+    backoff = INITIAL_BACKOFF
     announced = False
 
     def connected():
         nonlocal backoff, announced
-        backoff = 0.5
+        backoff = INITIAL_BACKOFF
         _say("loom-spy", f"connected to {client.base}" if not announced else "reconnected")
         announced = True
 
@@ -420,18 +462,60 @@ async def _spy(reactor, args, out, quitting: list[bool]) -> int:
         try:
             await client.spy(out, color=color, on_connected=connected)
             reason = "the server ended the connection"
-        except CannotConnect as e:
-            reason = str(e)
         except ServerAborted:
             reason = "lost the connection to the server"
         except LoomClientError as e:
-            sys.stderr.write(f"{e}\n")
-            return EXIT_FAILED
+            if not e.retryable:
+                _say("loom-spy", _explain(e, args))
+                return _exit_status(e)
+            reason = str(e)
         if quitting:
             return EXIT_OK
         _say("loom-spy", f"{reason}; reconnecting in {backoff:g}s")
         await deferLater(reactor, backoff, lambda: None)
         backoff = min(backoff * 2, MAX_BACKOFF)
+
+
+@implementer(IReadDescriptor)
+class _ReaderGone:
+    """Says when nobody reads the pipe on standard output any more (``| head -1`` has
+    its line), without waiting for the next write to fail.
+
+    The write end of a pipe never becomes readable; the reactor reports it
+    only once the read end is closed, as Twisted's own process pipes do.
+    """
+
+    def __init__(self, fd: int, on_gone: Callable[[], None]):
+        self._fd = fd
+        self._on_gone = on_gone
+
+    @classmethod
+    def watch(cls, reactor, fd: int, on_gone: Callable[[], None]) -> None:
+        """Watch ``fd`` if it is the write-only end of a pipe (nothing else can tell)."""
+        import stat
+
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+        try:
+            os.read(fd, 0)
+            return  # readable: a two-way descriptor, whose readiness means data
+        except OSError:
+            pass
+        reactor.addReader(cls(fd, on_gone))
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def doRead(self):
+        from twisted.internet.main import CONNECTION_LOST
+
+        return CONNECTION_LOST
+
+    def connectionLost(self, reason) -> None:
+        self._on_gone()
+
+    def logPrefix(self) -> str:
+        return "stdout"
 
 
 def spy_main(argv: list[str] | None = None) -> int:
@@ -441,19 +525,35 @@ def spy_main(argv: list[str] | None = None) -> int:
     colorama.just_fix_windows_console()
     from twisted.internet import reactor
 
-    def out(data: bytes) -> None:
-        sys.stdout.write(data.decode("utf-8", "replace"))
-        sys.stdout.flush()
-
     quitting: list[bool] = []
 
     def quit_(*_):
         quitting.append(True)
         reactor.callFromThread(_stop, reactor)
 
+    def output_gone() -> None:
+        # Whoever read our output has had enough: that is an ordinary end, not an error.
+        # Nothing left in Python's buffer may fail again at exit, so send it nowhere.
+        if not quitting:
+            quitting.append(True)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _stop(reactor)
+
+    def out(data: bytes) -> None:
+        if quitting:
+            return
+        try:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            output_gone()
+
     signal.signal(signal.SIGINT, quit_)
     signal.signal(signal.SIGTERM, quit_)
-    return _run(reactor, lambda: _spy(reactor, args, out, quitting), interrupted_code=EXIT_OK)
+    _ReaderGone.watch(reactor, sys.stdout.fileno(), output_gone)
+    color = _spy_colour(args, sys.stdout)
+    return _run(reactor, lambda: _spy(reactor, args, out, quitting, color),
+                interrupted_code=EXIT_OK)
 
 
 # --- running ---------------------------------------------------------------------------

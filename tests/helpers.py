@@ -360,10 +360,12 @@ class Process:
         return (self.protocol.out + self.protocol.err).decode("utf-8", "replace")
 
 
-def spawn(argv: list[str], env: dict | None = None, cwd: str | None = None) -> Process:
+def spawn(argv: list[str], env: dict | None = None, cwd: str | None = None,
+          use_pty: bool = False) -> Process:
+    """Start ``argv``; with ``use_pty`` its output is a terminal (stdout and stderr in one)."""
     protocol = _Collector()
     transport = reactor.spawnProcess(
-        protocol, argv[0], argv, env=env or child_environment(), path=cwd
+        protocol, argv[0], argv, env=env or child_environment(), path=cwd, usePTY=use_pty
     )
     CHILDREN.append(transport)
     return Process(protocol, transport, argv)

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -17,9 +18,11 @@ from tests.helpers import (
     child_environment,
     guard,
     make_tls_files,
+    program,
     raw_connect,
     run,
     spawn,
+    start_producer,
     start_server,
 )
 from tests.test_e2e import Follow
@@ -200,25 +203,53 @@ async def test_stream_over_https(tmp_path):
         await service.stopService()
 
 
+async def _spy_once(server, stream_id: str, flags: list[str], env: dict,
+                    use_pty: bool = False) -> bytes:
+    """What bin/spy prints while one short stream comes and goes."""
+    process = spawn(SPY + [server.url] + flags, env=child_environment(**env), use_pty=use_pty)
+    await process.protocol.wait_for_output("connected to")
+    code, _, err = await run(STREAM + [server.url, stream_id, "-q"], stdin=b"hello\n")
+    assert code == 0, err
+    await process.protocol.wait_for_output(f"END {stream_id} complete")
+    process.signal("INT")
+    result = await process.wait()
+    assert result.exit_code == 0 and b"Traceback" not in bytes(result.out + result.err)
+    return bytes(result.out)
+
+
 @pytest_twisted.ensureDeferred
 async def test_spy_in_colour_and_without(server):
-    """bin/spy paints streams by default; --no-color (or NO_COLOR) gives plain text."""
-    for flags, env, coloured in [([], {}, True), (["--no-color"], {}, False),
-                                 ([], {"NO_COLOR": "1"}, False)]:
-        process = spawn(SPY + [server.url] + flags, env=child_environment(**env))
-        await process.protocol.wait_for_output("connected to")
-        stream_id = f"c{len(flags)}{len(env)}"
-        code, _, err = await run(STREAM + [server.url, stream_id, "-q"], stdin=b"hello\n")
-        assert code == 0, err
-        await process.protocol.wait_for_output(f"END {stream_id} complete")
-        process.signal("INT")
-        result = await process.wait()
-        out = bytes(result.out)
-        assert (b"\x1b[" in out) == coloured
+    """bin/spy paints a terminal (a pty) but writes plain text to a pipe, so grep works,
+    unless --color; --no-color and NO_COLOR turn colour off."""
+    out = await _spy_once(server, "tty", [], {}, use_pty=True)
+    assert b"\x1b[" in out and b"tty | hello" in ANSI.sub(b"", out)
+    for index, (flags, env, coloured) in enumerate([
+        ([], {}, False), (["--color"], {}, True), (["--no-color"], {}, False),
+        ([], {"NO_COLOR": "1"}, False), (["--color"], {"NO_COLOR": "1"}, True),
+    ]):
+        stream_id = f"c{index}"
+        out = await _spy_once(server, stream_id, flags, env)
+        assert (b"\x1b[" in out) == coloured, (flags, env)
         assert ANSI.sub(b"", out).splitlines() == [
             f"START {stream_id} {{}}".encode(), f"{stream_id} | hello".encode(),
             f"END {stream_id} complete 6".encode()]
-        assert result.exit_code == 0 and b"Traceback" not in bytes(result.err)
+
+
+@pytest_twisted.ensureDeferred
+async def test_spy_ends_quietly_when_its_reader_has_had_enough(server):
+    """bin/spy | head -1: once head has its line, spy exits at once with status 0 and no
+    traceback, without waiting for more output."""
+    bash = program("bash", "apt-get install bash")
+    pipeline = spawn([bash, "-c", f"{shlex.join(SPY + [server.url])} | head -1; "
+                                  'echo "pipeline ${PIPESTATUS[*]}" >&2'])
+    await pipeline.protocol.wait_for_output("connected to")
+    producer = await start_producer(server.port, b"headed", b"one\ntwo\n")
+    result = await pipeline.wait()
+    assert result.exit_code == 0
+    assert bytes(result.out) == b"START headed {}\n"
+    assert bytes(result.err).decode().splitlines()[-1] == "pipeline 0 0", pipeline.text()
+    assert "Traceback" not in pipeline.text() and "Error" not in pipeline.text()
+    producer.transport.loseConnection()
 
 
 @pytest_twisted.ensureDeferred
