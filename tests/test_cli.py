@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest_twisted
 import treq
 from twisted.internet import reactor
+from twisted.internet.protocol import Factory
 
 from tests.helpers import (
     REPO,
@@ -25,11 +26,21 @@ from tests.helpers import (
     start_producer,
     start_server,
 )
+from tests.test_client import ErrorPage
 from tests.test_e2e import Follow
 
 STREAM = [sys.executable, str(REPO / "bin" / "stream")]
 SPY = [sys.executable, str(REPO / "bin" / "spy")]
 ANSI = re.compile(rb"\x1b\[[0-9;]*m")
+
+
+def assert_failed(err: bytes, total: int, reason: str) -> None:
+    """bin/stream's standard error is its failure, said once when it happened (unless the
+    input had ended by then) and once at the end, with the bytes of input read."""
+    lines = err.decode().splitlines()
+    assert lines[-1] == f"loom-stream: upload failed after {total} bytes of input: {reason}"
+    assert lines[:-1] in (
+        [], [f"loom-stream: {reason}; reading the input to its end, without storing it"]), lines
 
 
 async def body_of(server, stream_id):
@@ -46,7 +57,9 @@ async def test_original_usage_with_a_shell_loop(server):
     assert code == 0, err
     assert (await body_of(server, "streamid"))[0] == b"1\n2\n3\n4\n5\n"
     code, out, err = await run(["/bin/sh", "-c", command])
-    assert code == 1 and err.decode().strip() == "stream streamid already exists; use --force"
+    assert code == 1 and err.decode().splitlines()[-1] == (
+        "loom-stream: upload failed after 10 bytes of input: "
+        "stream streamid already exists (--force replaces it)")
     code, out, err = await run(["/bin/sh", "-c", command + " --force"])
     assert code == 0, err
     assert b"replaced" in err
@@ -114,21 +127,25 @@ async def test_generated_id_metadata_and_token(tmp_path):
 
         assert json.loads(response.headers.getRawHeaders("x-stream-metadata")[0]) == {
             "job": "build", "n": "2", "branch": "main"}
+        unauthorized = ("loom-stream: upload failed after 1 bytes of input: "
+                        "unauthorized (the token: --token or $LOOM_TOKEN)")
         code, out, err = await run(STREAM + [server.url, "x", "--token", "wrong"], stdin=b"x")
-        assert code == 1 and err.decode().strip() == "unauthorized"
+        assert code == 1 and err.decode().splitlines()[-1] == unauthorized
         code, out, err = await run(STREAM + [server.url, "x"], stdin=b"x")
-        assert code == 1 and err.decode().strip() == "unauthorized"
+        assert code == 1 and err.decode().splitlines()[-1] == unauthorized
     finally:
         await server.service.stopService()
 
 
 @pytest_twisted.ensureDeferred
 async def test_connection_refused_and_usage_errors(server):
-    """Unreachable server: one line and status 3; bad options: status 2."""
+    """Unreachable server (--no-resume): one line and status 3; bad options: status 2."""
     port = server.port
     await server.service.stopService()
-    code, out, err = await run(STREAM + [f"http://127.0.0.1:{port}", "x"], stdin=b"data")
-    assert code == 3 and err.decode().strip() == "connection refused"
+    code, out, err = await run(STREAM + [f"http://127.0.0.1:{port}", "x", "--no-resume"],
+                               stdin=b"data")
+    assert code == 3
+    assert_failed(err, 4, "connection refused (--no-resume: not retrying)")
     code, out, err = await run(STREAM + [f"http://127.0.0.1:{port}", "--meta", "[1]"], stdin=b"")
     assert code == 2 and b"--meta must be a JSON object" in err
     code, out, err = await run(STREAM + [f"http://127.0.0.1:{port}", "-m", "novalue"], stdin=b"")
@@ -137,15 +154,26 @@ async def test_connection_refused_and_usage_errors(server):
 
 @pytest_twisted.ensureDeferred
 async def test_server_aborting_the_stream_is_reported(server):
-    """If the server cuts the stream (here: replaced), the tool says so and exits 4."""
-    process = spawn(STREAM + [server.url, "victim"])
-    process.write(b"doomed\n")
-    await process.protocol.wait_for_output("stream victim: ")
-    response = await treq.post(server.url + "/stream/victim?force=true", data=b"new")
-    await response.content()
-    result = await process.wait()
-    assert result.exit_code == 4
-    assert bytes(result.err).decode().strip().endswith("server aborted the stream")
+    """If the server cuts the stream (here: replaced, and complete), the tool says so, reads
+    its input to the end and exits 4; with --no-resume without trying to resume."""
+    for flags, reason in [
+        ([], "cannot resume stream victim: Stream victim is complete: only an aborted or "
+             "interrupted stream can be appended to."),
+        (["--no-resume"], "server aborted the stream (--no-resume: not retrying)"),
+    ]:
+        process = spawn(STREAM + [server.url, "victim", "--force"] + flags)
+        process.write(b"doomed\n")
+        await process.protocol.wait_for_output("stream victim: ")
+        response = await treq.post(server.url + "/stream/victim?force=true", data=b"new")
+        await response.content()
+        await process.protocol.wait_for_output("reading the input to its end")
+        process.write(b"more\n")
+        process.close_stdin()
+        result = await process.wait()
+        assert result.exit_code == 4
+        assert bytes(result.err).decode().splitlines()[-1] == (
+            f"loom-stream: upload failed after 12 bytes of input: {reason}")
+        assert (await body_of(server, "victim"))[0] == b"new"
 
 
 @pytest_twisted.ensureDeferred
@@ -253,33 +281,53 @@ async def test_spy_ends_quietly_when_its_reader_has_had_enough(server):
 
 
 @pytest_twisted.ensureDeferred
-async def test_spy_reconnects_when_the_server_restarts(tmp_path):
-    """bin/spy reports a lost server in one line, retries, and resumes when it is back."""
-    server = await start_server(tmp_path / "data")
-    port, url = server.port, server.url
-    process = spawn(SPY + [url, "--no-color"])
-    try:
-        await process.protocol.wait_for_output("connected to")
-        await server.service.stopService()
-        await process.protocol.wait_for_output("lost the connection to the server; reconnecting")
-        await process.protocol.wait_for_output("connection refused; reconnecting")
-        from loom.config import Config
-        from loom.service import LoomService
+async def test_untrusted_certificate_is_one_line_and_not_retried(tmp_path):
+    """An https server whose certificate is not trusted: bin/stream and bin/spy each say so
+    in one line (with what to do) and exit 3 at once, instead of reconnecting forever."""
+    key, cert = make_tls_files(tmp_path)
+    from loom.config import Config
+    from loom.service import LoomService
 
-        again = LoomService(Config(listen=(f"tcp:{port}:interface=127.0.0.1",),
-                                   data_dir=str(tmp_path / "data")), reactor)
-        again.startService()
-        try:
-            await process.protocol.wait_for_output("reconnected", seconds=60)
-            code, _, err = await run(STREAM + [url, "back", "-q"], stdin=b"again\n")
-            assert code == 0, err
-            await process.protocol.wait_for_output("back | again")
-        finally:
-            await again.stopService()
+    service = LoomService(Config(
+        listen=(f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",),
+        data_dir=str(tmp_path / "data")), reactor)
+    service.startService()
+    try:
+        host = f"localhost:{service.ports[0].getHost().port}"
+        untrusted = (f"the TLS certificate of {host} is not trusted (certificate verify "
+                     f"failed); --cacert FILE trusts a private CA")
+        code, out, err = await run(STREAM + [f"https://{host}", "secure"], stdin=b"tls\n")
+        assert code == 3
+        assert_failed(err, 4, untrusted)
+        code, out, err = await run(SPY + [f"https://{host}"])
+        assert code == 3 and err.decode().splitlines() == [f"loom-spy: {untrusted}"]
     finally:
-        process.signal("INT")
-        await process.wait()
-    assert "Traceback" not in process.text()
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_proxys_error_page_is_one_line_and_retried():
+    """A proxy answering its HTML 502 page: bin/stream and bin/spy print one line with the
+    status and the proxy, never the page, and try again (Loom may be restarting)."""
+    port = reactor.listenTCP(0, Factory.forProtocol(ErrorPage), interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    summary = "502 Bad Gateway from the proxy nginx/1.25.3, not from Loom"
+    try:
+        code, out, err = await run(STREAM + [url, "proxied", "--retries", "1"], stdin=b"x\n")
+        assert code == 3
+        assert err.decode().splitlines() == [
+            f"loom-stream: {summary}; retrying in 0.5s (retry 1 of 1)",
+            f"loom-stream: upload failed after 2 bytes of input: gave up after 1 retry: "
+            f"{summary}"]
+        spy = spawn(SPY + [url])
+        await spy.protocol.wait_for_output(r"reconnecting in 1s")
+        spy.signal("INT")
+        await spy.wait()
+        assert spy.text().splitlines()[:2] == [
+            f"loom-spy: {summary}; reconnecting in 0.5s",
+            f"loom-spy: {summary}; reconnecting in 1s"]
+    finally:
+        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -337,3 +385,33 @@ async def test_bin_tools_use_the_checkouts_virtualenv(tmp_path):
         code, out, err = await run([sys.executable, "-S", str(checkout / "bin" / tool),
                                     "--version"])
         assert (code, out.decode().split()) == (0, [name, __version__]), err
+
+
+@pytest_twisted.ensureDeferred
+async def test_spy_reconnects_when_the_server_restarts(tmp_path):
+    """bin/spy reports a lost server in one line, retries, and resumes when it is back."""
+    server = await start_server(tmp_path / "data")
+    port, url = server.port, server.url
+    process = spawn(SPY + [url, "--no-color"])
+    try:
+        await process.protocol.wait_for_output("connected to")
+        await server.service.stopService()
+        await process.protocol.wait_for_output("lost the connection to the server; reconnecting")
+        await process.protocol.wait_for_output("connection refused; reconnecting")
+        from loom.config import Config
+        from loom.service import LoomService
+
+        again = LoomService(Config(listen=(f"tcp:{port}:interface=127.0.0.1",),
+                                   data_dir=str(tmp_path / "data")), reactor)
+        again.startService()
+        try:
+            await process.protocol.wait_for_output("reconnected", seconds=60)
+            code, _, err = await run(STREAM + [url, "back", "-q"], stdin=b"again\n")
+            assert code == 0, err
+            await process.protocol.wait_for_output("back | again")
+        finally:
+            await again.stopService()
+    finally:
+        process.signal("INT")
+        await process.wait()
+    assert "Traceback" not in process.text()
