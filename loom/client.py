@@ -15,13 +15,17 @@ once the whole request body is sent, and a producer wants its stream id (the
 from __future__ import annotations
 
 import json
+import re
+import socket
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseFailed
@@ -36,7 +40,13 @@ USER_AGENT = f"loom-client/{__version__}".encode("ascii")
 
 
 class LoomClientError(Exception):
-    """Something went wrong talking to Loom; ``str()`` is one line for a human."""
+    """Something went wrong talking to Loom; ``str()`` is one line for a human.
+
+    ``retryable`` says whether the same request may well succeed later (the
+    server restarting, a proxy that cannot reach it yet, a busy stream).
+    """
+
+    retryable = False
 
 
 class Unauthorized(LoomClientError):
@@ -58,9 +68,20 @@ class StreamExists(LoomClientError):
 class CannotConnect(LoomClientError):
     """The server could not be reached (refused, unknown host, TLS failure)."""
 
+    retryable = True
+
+
+class UntrustedCertificate(CannotConnect):
+    """The server's TLS certificate is not trusted, or not valid for its name: trying
+    again cannot help until the trust root (or the URL) changes."""
+
+    retryable = False
+
 
 class ServerAborted(LoomClientError):
     """The server ended the exchange without a clean end."""
+
+    retryable = True
 
 
 class SizeMismatch(LoomClientError):
@@ -75,6 +96,8 @@ class Busy(LoomClientError):
     """The server asked to try again later (a ``Retry-After`` answer): another producer
     holds the stream for now, or the stream is still being ended."""
 
+    retryable = True
+
     def __init__(self, status: int, error: str, retry_after: float):
         super().__init__(f"server answered {status}: {error}")
         self.status = status
@@ -82,20 +105,75 @@ class Busy(LoomClientError):
 
 
 class RequestFailed(LoomClientError):
-    """Any other error answer; ``status`` and the server's ``error`` sentence."""
+    """Any other error answer; ``status`` and the server's ``error`` sentence.
 
-    def __init__(self, status: int, error: str):
-        super().__init__(f"server answered {status}: {error}")
+    ``from_loom`` is False when the answer did not come from Loom (an HTML
+    page from a proxy in between). 502, 503 and 504 are ``retryable``: Loom,
+    or a proxy's way to it, may be back soon (a restart).
+    """
+
+    def __init__(self, status: int, error: str, from_loom: bool = True,
+                 message: str | None = None):
+        super().__init__(message or f"server answered {status}: {error}")
         self.status = status
         self.error = error
+        self.from_loom = from_loom
+        self.retryable = status in (502, 503, 504)
+
+
+def _loom_sentence(body: bytes) -> str | None:
+    """The ``error`` sentence of a Loom error body, or None if the body is not one."""
+    try:
+        sentence = json.loads(body.decode("utf-8"))["error"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+        return None
+    return _one_line(sentence) if isinstance(sentence, str) else None
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line, without control characters (no escape reaches a terminal)."""
+    return "".join(c if c.isprintable() else " " for c in " ".join(text.split()))
+
+
+def _not_loom(status: int, phrase: str, body: bytes, headers: dict) -> str:
+    """One line for an answer that is not Loom's (a proxy's error page): the status and
+    who sent it, never the page itself."""
+    if not phrase:
+        title = re.search(rb"<title>([^<]{1,200})</title>", body, re.IGNORECASE)
+        phrase = title.group(1).decode("utf-8", "replace") if title else ""
+        phrase = phrase.removeprefix(str(status)).strip()
+    if not phrase:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+    server = headers.get("server", "")
+    if server.startswith("Loom/"):
+        return _one_line(f"server answered {status} {phrase}")[:300]
+    if server:
+        who = f"the proxy {server}"
+    elif headers.get("via"):
+        who = f"a proxy (Via: {headers['via']})"
+    else:
+        who = "something that is not Loom (a proxy?)"
+    return _one_line(f"{status} {phrase} from {who}, not from Loom")[:300]
 
 
 def _error_for(status: int, body: bytes, stream_id: str | None,
-               headers: dict | None = None) -> LoomClientError:
-    try:
-        sentence = json.loads(body.decode("utf-8"))["error"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        sentence = body.decode("utf-8", "replace").strip()[:200] or f"HTTP {status}"
+               headers: dict | None = None, phrase: str = "") -> LoomClientError:
+    """The exception for an error answer; ``headers`` with lower-case names."""
+    headers = headers or {}
+    sentence = _loom_sentence(body)
+    if sentence is None and not body.strip():
+        # No body (HEAD): nothing tells Loom from a proxy, so take the status at its word.
+        sentence = f"{status} {phrase}".strip()
+    elif sentence is None:
+        summary = _not_loom(status, phrase, body, headers)
+        if status == 401:
+            return Unauthorized(f"unauthorized: {summary}")
+        if status == 403:
+            return Forbidden(f"forbidden: {summary}")
+        return RequestFailed(status, summary, from_loom=False, message=summary)
     if status == 401:
         return Unauthorized("unauthorized")
     if status == 403:
@@ -105,23 +183,63 @@ def _error_for(status: int, body: bytes, stream_id: str | None,
             f"stream {stream_id} does not exist" if stream_id else sentence
         )
     if status == 409 and "already exists" in sentence:
-        return StreamExists(f"stream {stream_id} already exists; use --force")
-    retry_after = (headers or {}).get("retry-after", "")
+        return StreamExists(f"stream {stream_id} already exists")
+    retry_after = headers.get("retry-after", "")
     if retry_after.isdigit():
         return Busy(status, sentence, float(retry_after))
-    size = (headers or {}).get("x-stream-size")
+    size = headers.get("x-stream-size")
     if status == 416 and size is not None and size.isdigit():
         return SizeMismatch(stream_id or "", int(size))
     return RequestFailed(status, sentence)
 
 
+def _tls_failure(reason, url: str) -> LoomClientError | None:
+    """The error for a failed TLS handshake (a Failure), or None if it is not one."""
+    try:
+        from OpenSSL.SSL import Error as TLSError
+    except ImportError:
+        return None  # no TLS here at all
+    try:
+        from service_identity import VerificationError
+    except ImportError:
+        VerificationError = None  # noqa: N806 (Twisted then checks no names)
+    host = urlsplit(url).netloc
+    if VerificationError is not None and reason.check(VerificationError):
+        return UntrustedCertificate(
+            f"the TLS certificate of {host} is not valid for that name")
+    if reason.check(TLSError):
+        detail = _openssl_reason(reason.value)
+        if "certificate verify failed" in detail:
+            return UntrustedCertificate(
+                f"the TLS certificate of {host} is not trusted (certificate verify failed)")
+        return CannotConnect(f"TLS with {url} failed: {detail}")
+    return None
+
+
+def _openssl_reason(error: BaseException) -> str:
+    # pyOpenSSL errors carry [(library, function, reason), ...].
+    try:
+        return "; ".join(item[2] for item in error.args[0] if item[2]) or str(error)
+    except (IndexError, TypeError):
+        return str(error)
+
+
 def _connect_error(failure_value: BaseException, url: str) -> LoomClientError:
+    if isinstance(failure_value, LoomClientError):
+        return failure_value
     if isinstance(failure_value, net_error.ConnectionRefusedError):
         return CannotConnect("connection refused")
     if isinstance(failure_value, net_error.DNSLookupError):
         return CannotConnect(f"cannot resolve the host of {url}")
     if isinstance(failure_value, net_error.TimeoutError):
         return CannotConnect(f"timed out connecting to {url}")
+    if isinstance(failure_value, ResponseFailed):
+        for reason in failure_value.reasons:
+            tls = _tls_failure(reason, url)
+            if tls is not None:
+                return tls
+        return ServerAborted(
+            f"server closed the connection: {failure_value.reasons[0].getErrorMessage()}")
     return CannotConnect(f"cannot connect to {url}: {failure_value}")
 
 
@@ -211,13 +329,10 @@ class LoomClient:
     async def _get(self, url: str, stream_id: str | None):
         try:
             response = await self._treq().get(url, headers=self._headers(), unbuffered=True)
-        except ResponseFailed as e:
-            raise ServerAborted(f"server closed the connection: {e.reasons[0].getErrorMessage()}")
         except Exception as e:
             raise _connect_error(e, self.base)
         if response.code != 200:
-            body = await response.content()
-            raise _error_for(response.code, body, stream_id)
+            raise await _answer_error(response, stream_id)
         return response
 
     async def _collect(self, response, callback: Callable[[bytes], Any]) -> int:
@@ -267,7 +382,7 @@ class LoomClient:
         except Exception as e:
             raise _connect_error(e, self.base)
         if response.code != 200:
-            raise _error_for(response.code, b"", stream_id)
+            raise await _answer_error(response, stream_id)
         headers = response.headers
         return StreamInfo(
             stream_id,
@@ -275,6 +390,28 @@ class LoomClient:
             int(headers.getRawHeaders("x-stream-size")[0]),
             json.loads(headers.getRawHeaders("x-stream-metadata")[0]),
         )
+
+    async def read(self, stream_id: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` (exclusive) of what the stream holds now; fewer if it
+        holds fewer. For comparing a little of a stream, never for reading a whole one."""
+        if end <= start:
+            return b""
+        headers = self._headers({b"Range": b"bytes=%d-%d" % (start, end - 1)})
+        try:
+            response = await self._treq().get(self.stream_url(stream_id) + "?notail",
+                                              headers=headers, unbuffered=True)
+        except Exception as e:
+            raise _connect_error(e, self.base)
+        if response.code == 416:  # it holds no byte at start
+            await self._collect(response, lambda data: None)
+            return b""
+        if response.code not in (200, 206):
+            raise await _answer_error(response, stream_id)
+        received = bytearray()
+        await self._collect(response, received.extend)
+        if response.code == 200:  # the whole stream: the range was not applied
+            del received[:start]
+        return bytes(received[: end - start])
 
     async def delete(self, stream_id: str) -> None:
         """Delete a stream (needs the admin scope)."""
@@ -293,11 +430,14 @@ class LoomClient:
                     expect: int = 200):
         try:
             response = await self._treq().request(method, url, headers=self._headers())
-            body = await response.content()
         except Exception as e:
             raise _connect_error(e, self.base)
         if response.code != expect:
-            raise _error_for(response.code, body, stream_id)
+            raise await _answer_error(response, stream_id)
+        try:
+            body = await response.content()
+        except Exception as e:
+            raise _connect_error(e, self.base)
         return json.loads(body) if body else None
 
     async def spy(
@@ -368,6 +508,18 @@ class LoomClient:
         return (host if self._port == default else f"{host}:{self._port}").encode("idna")
 
 
+async def _answer_error(response, stream_id: str | None) -> LoomClientError:
+    """The exception for a treq response that is an error answer (its body is read)."""
+    try:
+        body = await response.content()
+    except ResponseFailed:
+        body = b""  # the status alone still says what happened
+    headers = {name.decode("latin-1").lower(): values[-1].decode("latin-1")
+               for name, values in response.headers.getAllRawHeaders()}
+    phrase = response.phrase.decode("latin-1") if response.phrase else ""
+    return _error_for(response.code, body, stream_id, headers, phrase)
+
+
 class _Once:
     """A factory for exactly one connection (what endpoint.connect wants)."""
 
@@ -415,6 +567,7 @@ class _Upload(Protocol):
         self.result: Deferred = Deferred()
         self._buffer = bytearray()
         self._status: int | None = None
+        self._phrase = ""
         self._headers: dict[str, str] = {}
         self._created: Created | None = None
         self._sent = 0
@@ -422,6 +575,7 @@ class _Upload(Protocol):
         self._response_done = False
 
     def connectionMade(self):
+        _watch_peer(self.transport)
         self.transport.write(self._request)
         writer = _ChunkedWriter(self.transport, self._count)
         if self._body.length is not UNKNOWN_LENGTH and self._body.length == 0:
@@ -465,7 +619,11 @@ class _Upload(Protocol):
                 return
             head = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
             del self._buffer[: end + 4]
-            status = int(head[0].split()[1])
+            _, status_text, self._phrase = (head[0].split(None, 2) + ["", ""])[:3]
+            if not status_text.isdigit():
+                self._not_http()
+                return
+            status = int(status_text)
             if 100 <= status < 200:
                 continue  # an interim answer such as 100 Continue
             self._status = status
@@ -507,8 +665,15 @@ class _Upload(Protocol):
                 )
         else:
             self._fail(_error_for(self._status, bytes(self._buffer), self._stream_id,
-                                  self._headers))
+                                  self._headers, self._phrase))
         self.transport.loseConnection()
+
+    def _not_http(self) -> None:
+        self._response_done = True
+        self._stop_body()
+        self._fail(RequestFailed(0, "", from_loom=False,
+                                 message=f"{self._client.base} did not answer in HTTP"))
+        self.transport.abortConnection()
 
     def _stop_body(self) -> None:
         try:
@@ -528,20 +693,31 @@ class _Upload(Protocol):
             return
         if not self._body_done:
             self._stop_body()
-        if self._status is None and _is_tls_failure(reason):
-            self._fail(CannotConnect(
-                f"TLS with {self._client.base} failed: {reason.getErrorMessage()}"
-            ))
-            return
-        self._fail(ServerAborted("server aborted the stream"))
+        tls = _tls_failure(reason, self._client.base) if self._status is None else None
+        self._fail(tls or ServerAborted("server aborted the stream"))
 
 
-def _is_tls_failure(reason) -> bool:
-    try:
-        from OpenSSL.SSL import Error as TLSError
-    except ImportError:
-        return False
-    return reason.check(TLSError) is not None
+# A producer that has sent data the server has not acknowledged for this long is cut off
+# (and can resume): a black-holed network is noticed in two minutes, not TCP's fifteen.
+UNACKNOWLEDGED_LIMIT_MS = 120_000
+
+
+def _watch_peer(transport) -> None:
+    """TCP keepalive on an upload's connection (probes after a minute of silence), and the
+    limit above on unacknowledged data, where the platform has them."""
+    while hasattr(transport, "wrappedProtocol"):
+        transport = transport.transport  # TLS wraps the TCP connection
+    if not ITCPTransport.providedBy(transport):
+        return
+    transport.setTcpKeepAlive(True)
+    sock = transport.getHandle()
+    for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4),
+                          ("TCP_USER_TIMEOUT", UNACKNOWLEDGED_LIMIT_MS)):
+        if hasattr(socket, option):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+            except OSError:  # not for this socket here: the defaults stay
+                pass
 
 
 def _chunked_complete(buffer: bytearray) -> bool:
@@ -576,4 +752,5 @@ __all__ = [
     "StreamExists",
     "StreamNotFound",
     "Unauthorized",
+    "UntrustedCertificate",
 ]

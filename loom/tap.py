@@ -6,8 +6,10 @@ import os
 import resource
 import signal
 
+from twisted import version as twisted_version
 from twisted.python import usage
 
+from loom import __version__
 from loom.config import SETTINGS, load_config
 from loom.errors import ConfigError
 from loom.store.faults import crash_points_from
@@ -51,6 +53,11 @@ class Options(usage.Options):
     def getUsage(self, width=None):
         # The settings table is appended as is: longdesc would be re-wrapped.
         return super().getUsage(width) + "\n" + _settings_help() + "\n"
+
+    def opt_version(self) -> None:
+        """Print Loom's version and exit."""
+        print(f"loom {__version__} (Twisted {twisted_version.short()})")
+        raise SystemExit(0)
 
     def opt_config(self, path: str) -> None:
         """A YAML configuration file; repeatable, later files win."""

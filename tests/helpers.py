@@ -360,10 +360,12 @@ class Process:
         return (self.protocol.out + self.protocol.err).decode("utf-8", "replace")
 
 
-def spawn(argv: list[str], env: dict | None = None, cwd: str | None = None) -> Process:
+def spawn(argv: list[str], env: dict | None = None, cwd: str | None = None,
+          use_pty: bool = False) -> Process:
+    """Start ``argv``; with ``use_pty`` its output is a terminal (stdout and stderr in one)."""
     protocol = _Collector()
     transport = reactor.spawnProcess(
-        protocol, argv[0], argv, env=env or child_environment(), path=cwd
+        protocol, argv[0], argv, env=env or child_environment(), path=cwd, usePTY=use_pty
     )
     CHILDREN.append(transport)
     return Process(protocol, transport, argv)
@@ -479,8 +481,9 @@ def json_body(body: bytes) -> dict:
     return json.loads(body.decode("utf-8"))
 
 
-def make_tls_files(directory) -> tuple[str, str]:
-    """A self-signed certificate for localhost and 127.0.0.1: (key path, certificate path)."""
+def make_tls_files(directory, with_ip: bool = True) -> tuple[str, str]:
+    """A self-signed certificate for localhost and (``with_ip``) 127.0.0.1: (key path,
+    certificate path)."""
     import datetime
     import ipaddress
 
@@ -501,7 +504,8 @@ def make_tls_files(directory) -> tuple[str, str]:
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            [x509.DNSName("localhost")]
+            + ([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if with_ip else [])
         ), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())

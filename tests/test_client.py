@@ -8,6 +8,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate
 from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -75,6 +76,28 @@ def body(data: bytes):
     return FileBodyProducer(BytesIO(data))
 
 
+class ErrorPage(Protocol):
+    """A proxy in front of a Loom that is down: nginx's 502 page for every request, sent
+    as soon as the request's head has arrived, as nginx does."""
+
+    PAGE = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+            b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx/1.25.3</center>"
+            b"\r\n</body>\r\n</html>\r\n")
+
+    def __init__(self):
+        self.received = b""
+
+    def dataReceived(self, data):
+        self.received += data
+        if b"\r\n\r\n" in self.received:
+            self.transport.write(
+                b"HTTP/1.1 502 Bad Gateway\r\nServer: nginx/1.25.3\r\n"
+                b"Content-Type: text/html\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                % len(self.PAGE) + self.PAGE)
+            self.transport.loseConnection()
+            self.received = b""
+
+
 @pytest_twisted.ensureDeferred
 async def test_push_reports_creation_before_the_body_ends(server):
     """on_created fires with the id while the body is still open; push returns at the end."""
@@ -106,7 +129,7 @@ async def test_push_with_generated_id_and_force(server):
     result = await client.push(body(b"generated"))
     assert result.stream_id.startswith("loom-")
     await client.push(body(b"one"), "forced")
-    with pytest.raises(StreamExists, match="stream forced already exists; use --force"):
+    with pytest.raises(StreamExists, match="^stream forced already exists$"):
         await client.push(body(b"two"), "forced")
     replaced = await client.push(body(b"three"), "forced", force=True)
     assert replaced.replaced
@@ -253,3 +276,106 @@ async def test_the_largest_metadata_loom_accepts_its_own_client_reads_back(tmp_p
         assert refused.value.status == 413
     finally:
         await server.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_never_mention_command_line_options(tmp_path):
+    """The library's messages speak of the server and the stream, never of a tool's options
+    (--force, --token, ...): they are for any program."""
+    secured = await start_server(tmp_path / "data", tokens=("sekrit-all",))
+    try:
+        client = LoomClient(secured.url, token="sekrit-all")
+        await client.push(body(b"abc"), "taken")
+        failures = []
+        for attempt in (lambda: client.push(body(b"x"), "taken"),
+                        lambda: LoomClient(secured.url, token="sekrit-no").push(body(b"x"), "y"),
+                        lambda: client.push(body(b"x"), "taken", append_at=1),
+                        lambda: client.follow("missing", lambda data: None)):
+            with pytest.raises(Exception) as failure:
+                await attempt()
+            failures.append(str(failure.value))
+        assert failures == ["stream taken already exists", "unauthorized",
+                            "server answered 409: Stream taken is complete: only an aborted "
+                            "or interrupted stream can be appended to.",
+                            "stream missing does not exist"]
+        assert not [message for message in failures if "--" in message]
+    finally:
+        await secured.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_untrusted_or_misnamed_certificate_is_its_own_error(tmp_path):
+    """A certificate that is not trusted, or not valid for the host's name, is
+    UntrustedCertificate (not worth retrying), for pushing and for reading alike."""
+    from loom.client import UntrustedCertificate
+
+    key, cert = make_tls_files(tmp_path, with_ip=False)  # valid for localhost only
+    from loom.config import Config
+    from loom.service import LoomService
+
+    service = LoomService(Config(
+        listen=(f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",),
+        data_dir=str(tmp_path / "data")), reactor)
+    service.startService()
+    try:
+        port = service.ports[0].getHost().port
+        with open(cert, "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+        for client, message in [
+            (LoomClient(f"https://localhost:{port}"),
+             f"the TLS certificate of localhost:{port} is not trusted (certificate verify "
+             "failed)"),
+            (LoomClient(f"https://127.0.0.1:{port}", trust_root=trust),
+             f"the TLS certificate of 127.0.0.1:{port} is not valid for that name"),
+        ]:
+            for attempt in (lambda: client.push(body(b"x"), "tls"),
+                            lambda: client.follow("tls", lambda data: None)):
+                with pytest.raises(UntrustedCertificate) as failure:
+                    await attempt()
+                assert str(failure.value) == message
+                assert isinstance(failure.value, CannotConnect)
+                assert not failure.value.retryable
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_proxys_error_page_is_summarised_in_one_line():
+    """An HTML error page from a proxy becomes RequestFailed with one line (status and
+    proxy, no HTML), marked as not from Loom; a 502 is retryable."""
+    port = reactor.listenTCP(0, Factory.forProtocol(ErrorPage), interface="127.0.0.1")
+    try:
+        client = LoomClient(f"http://127.0.0.1:{port.getHost().port}")
+        for attempt in (lambda: client.push(body(b"x"), "p"),
+                        lambda: client.follow("p", lambda data: None),
+                        lambda: client.spy(lambda data: None)):
+            with pytest.raises(RequestFailed) as failure:
+                await attempt()
+            assert str(failure.value) == (
+                "502 Bad Gateway from the proxy nginx/1.25.3, not from Loom")
+            assert failure.value.status == 502 and not failure.value.from_loom
+            assert failure.value.retryable
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_notices_a_vanished_server(server):
+    """A push's connection has TCP keepalive and a two-minute limit on unacknowledged data,
+    so a black-holed network ends it (and a resume can follow) instead of hanging."""
+    import socket
+
+    from twisted.internet import tcp
+
+    client = LoomClient(server.url)
+    source, pushing = await open_push(client, "watched", b"x")
+    [channel] = list(server.service.site.channels)
+    client_port = channel.transport.getPeer().port
+    [upload] = [reader for reader in reactor.getReaders()
+                if isinstance(reader, tcp.Client) and reader.getHost().port == client_port]
+    sock = upload.getHandle()
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 120_000
+    source.end()
+    await guard(pushing)

@@ -75,14 +75,14 @@ def _free_port() -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_stream_resume_survives_a_server_crash_and_restart(tmp_path):
-    """loom-stream --resume: the server is killed mid-stream and restarted; nothing is lost
-    or doubled, and the stream ends complete."""
+    """loom-stream (resuming by default): the server is killed mid-stream and restarted;
+    nothing is lost or doubled, and the stream ends complete."""
     port = _free_port()
     data_dir = tmp_path / "data"
     listen = f"tcp:{port}:interface=127.0.0.1"
     server = await start_server_process(data_dir, "--listen", listen)
     url = f"http://127.0.0.1:{port}"
-    tool = spawn(STREAM + [url, "resumable", "--resume"])
+    tool = spawn(STREAM + [url, "resumable"])
     try:
         tool.write(b"line 1\n")
         await tool.protocol.wait_for_output("stream resumable: ")
@@ -93,7 +93,7 @@ async def test_stream_resume_survives_a_server_crash_and_restart(tmp_path):
         tool.write(b"line 2, written while the server was down\n")
         await tool.protocol.wait_for_output("connection refused; resuming in")
         server = await start_server_process(data_dir, "--listen", listen)
-        await tool.protocol.wait_for_output("resuming stream resumable at byte 7", seconds=60)
+        await tool.protocol.wait_for_output("resumed stream resumable at byte 7", seconds=60)
         tool.write(b"line 3\n")
         tool.close_stdin()
         ended = await tool.wait(60)
