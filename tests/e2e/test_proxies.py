@@ -414,6 +414,7 @@ async def test_a_stream_cut_off_makes_curl_and_loom_stream_fail(site, via):
     follower = await live.follower.wait()
     assert follower.exit_code == 18, live.follower.text()
     assert bytes(follower.out) == b"first\n"
+    live.producer.close_stdin()  # loom-stream reads its input to the end, whatever happens
     producer = await live.producer.wait()
     assert producer.exit_code == 4 and "server aborted the stream" in live.producer.text()
     await live.end()
