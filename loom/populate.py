@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 
-from loom.store.sqlite import Catalog
+from loom.store.catalog_db import Catalog
 from loom.store.datadir import DirectoryLock
 from loom.store import DiskStore, InlineRunners, new_storage_name
 

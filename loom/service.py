@@ -11,7 +11,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from loom.store.sqlite import CatalogError
+from loom.store.catalog_db import CatalogError
 from loom.config import Config
 from loom.store.datadir import DataDirectoryError
 from loom.errors import ConfigError

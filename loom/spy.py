@@ -273,10 +273,7 @@ class Spy(StallingPushProducer):
     def _add(self, stream: LiveStream, from_end: bool) -> None:
         if stream in self._cursors or stream.outcome is not None:
             return
-        handle = self._store.open(stream.id)
-        if handle.live is not stream:
-            handle.close()
-            return
+        handle = stream.reader()
         cursor = _Cursor(handle, stream.size if from_end else 0, self._clock)
         self._cursors[stream] = cursor
         self._format.assign(stream.id)

@@ -15,7 +15,7 @@ from loom.errors import StorageFailed, StreamNotFound, Unavailable
 from loom.store import DiskStore, InlineRunners, new_storage_name
 from tests.helpers import TWISTD, chunk, spawn, start_producer, start_server_process
 from tests.test_e2e import Follow
-from tests.test_store import read_all, result
+from loom.testing import read_all
 
 
 def open_store(path, **options):
@@ -56,10 +56,11 @@ def files_in(directory) -> list[str]:
 # --- one server per data directory --------------------------------------------------
 
 
-def test_a_second_store_on_a_directory_in_use_touches_nothing(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_a_second_store_on_a_directory_in_use_touches_nothing(tmp_path):
     """A second store on a locked directory refuses before recovery; the live stream goes on."""
     first = open_store(tmp_path / "data")
-    stream = result(first.create("live", "{}"))
+    stream = (await first.create("live", "{}"))
     stream.append(b"before;")
     with pytest.raises(DataDirectoryError) as caught:
         open_store(tmp_path / "data")
@@ -67,10 +68,10 @@ def test_a_second_store_on_a_directory_in_use_touches_nothing(tmp_path):
     assert str(tmp_path / "data") in str(caught.value)
     assert row_state(tmp_path / "data", "live") == "live"
     stream.append(b"after;")
-    result(stream.complete())
-    assert read_all(first, "live") == (b"before;after;", "complete")
+    (await stream.complete())
+    assert (await read_all(first, "live")) == (b"before;after;", "complete")
     first._close_storage()  # the first process is gone: its lock with it
-    assert read_all(open_store(tmp_path / "data"), "live") == (b"before;after;", "complete")
+    assert (await read_all(open_store(tmp_path / "data"), "live")) == (b"before;after;", "complete")
 
 
 @pytest_twisted.ensureDeferred
@@ -116,13 +117,13 @@ async def test_a_second_server_refuses_with_one_line_until_the_first_is_killed(t
 
 
 @pytest.fixture
-def used(tmp_path):
+async def used(tmp_path):
     """A data directory with two complete streams, left as by kill -9."""
     store = open_store(tmp_path / "data")
     for stream_id, data in (("one", b"first stream"), ("two", b"second stream")):
-        stream = result(store.create(stream_id, '{"n": 1}'))
+        stream = (await store.create(stream_id, '{"n": 1}'))
         stream.append(data)
-        result(stream.complete())
+        (await stream.complete())
     store._close_storage()
     return tmp_path / "data"
 
@@ -191,7 +192,8 @@ def test_a_shared_memory_file_alone_is_no_reason_to_refuse(tmp_path):
     assert open_store(data).stream_count() == 0
 
 
-def test_rebuild_catalog_restores_only_what_the_files_prove(used):
+@pytest_twisted.ensureDeferred
+async def test_rebuild_catalog_restores_only_what_the_files_prove(used):
     """--rebuild-catalog restores proven streams as interrupted; the rest goes or is quarantined."""
     store = open_store(used)
     one = store.data_path(store.open("one").record.storage).path
@@ -214,7 +216,7 @@ def test_rebuild_catalog_restores_only_what_the_files_prove(used):
     os.unlink(used / "catalog.sqlite3")
     _refused(used, "is missing")
     store, lines = logged(lambda: open_store(used, rebuild_catalog=True))
-    assert read_all(store, "one") == (b"first stream", "interrupted")
+    assert (await read_all(store, "one")) == (b"first stream", "interrupted")
     record = store.open("one").record
     assert record.metadata == "{}" and "--rebuild-catalog" in record.reason
     with pytest.raises(StreamNotFound):
@@ -227,22 +229,24 @@ def test_rebuild_catalog_restores_only_what_the_files_prove(used):
     assert any("rebuilt the catalog" in line and "1 streams restored" in line
                for line in lines)
     store._close_storage()
-    assert read_all(open_store(used), "one") == (b"first stream", "interrupted")
+    assert (await read_all(open_store(used), "one")) == (b"first stream", "interrupted")
 
 
-def test_rebuild_sets_an_empty_catalog_aside(used):
+@pytest_twisted.ensureDeferred
+async def test_rebuild_sets_an_empty_catalog_aside(used):
     """The empty catalog a rebuild replaces is kept in quarantine/, not deleted."""
     (used / "catalog.sqlite3").write_bytes(b"")
     store = open_store(used, rebuild_catalog=True)
-    assert read_all(store, "one") == (b"first stream", "interrupted")
+    assert (await read_all(store, "one")) == (b"first stream", "interrupted")
     [aside] = [name for name in os.listdir(used / "quarantine") if name.startswith("catalog-")]
     assert os.listdir(used / "quarantine" / aside) == ["catalog.sqlite3"]
 
 
-def test_rebuild_catalog_leaves_a_usable_catalog_alone(used):
+@pytest_twisted.ensureDeferred
+async def test_rebuild_catalog_leaves_a_usable_catalog_alone(used):
     """With a usable catalog, --rebuild-catalog changes nothing and says so."""
     store, lines = logged(lambda: open_store(used, rebuild_catalog=True))
-    assert read_all(store, "one") == (b"first stream", "complete")
+    assert (await read_all(store, "one")) == (b"first stream", "complete")
     assert store.open("one").metadata_json == '{"n": 1}'
     assert any("nothing was rebuilt" in line for line in lines)
 
@@ -250,15 +254,16 @@ def test_rebuild_catalog_leaves_a_usable_catalog_alone(used):
 # --- a catalog deleted or replaced under a running server ----------------------------------
 
 
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
-def test_a_catalog_gone_while_running_stops_every_record(tmp_path, how):
+async def test_a_catalog_gone_while_running_stops_every_record(tmp_path, how):
     """A catalog deleted or replaced while running: 503, nothing more recorded, reads go on."""
     data = tmp_path / "data"
     store = open_store(data)
-    done = result(store.create("done", "{}"))
+    done = (await store.create("done", "{}"))
     done.append(b"stored")
-    result(done.complete())
-    live = result(store.create("live", "{}"))
+    (await done.complete())
+    live = (await store.create("live", "{}"))
     live.append(b"live bytes")
     catalog = data / "catalog.sqlite3"
     if how == "deleted":
@@ -270,13 +275,13 @@ def test_a_catalog_gone_while_running_stops_every_record(tmp_path, how):
         store.check_health()
     assert "deleted or replaced while Loom was running" in caught.value.message
     with pytest.raises(Unavailable):
-        result(store.create("new", "{}"))
+        (await store.create("new", "{}"))
     with pytest.raises(Unavailable):
-        result(store.delete("live"))
+        (await store.delete("live"))
     assert live.outcome is None  # not cut off for a deletion that cannot happen
-    assert read_all(store, "done") == (b"stored", "complete")
+    assert (await read_all(store, "done")) == (b"stored", "complete")
     with pytest.raises(StorageFailed):
-        result(live.complete())
+        (await live.complete())
     assert live.outcome == "aborted"
     with pytest.raises(StreamNotFound):
         store.open("new")

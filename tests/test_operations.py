@@ -171,21 +171,20 @@ def test_backup_refuses_what_it_cannot_do(tmp_path):
     assert result.returncode == 2 and "new directory" in result.stderr
 
 
-def _data_dir(tmp_path, streams: dict[str, bytes]) -> str:
+async def _data_dir(tmp_path, streams: dict[str, bytes]) -> str:
     """A data directory made by a store, holding complete ``streams``."""
     from twisted.internet.task import Clock
 
     from loom.store import DiskStore, InlineRunners
-    from tests.test_store import result
-
+    
     data = str(tmp_path / "data")
     store = DiskStore(data, Clock(), InlineRunners())
     store.start()
     for stream_id, content in streams.items():
-        stream = result(store.create(stream_id, "{}"))
+        stream = (await store.create(stream_id, "{}"))
         stream.append(content)
-        result(stream.complete())
-    result(store.stop())
+        (await stream.complete())
+    (await store.stop())
     return data
 
 

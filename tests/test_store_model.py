@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from loom.errors import StorageFailed, StreamCut, StreamExists
 from loom.store import DiskStore, InlineRunners
 from tests.helpers import FaultyFileSystem
-from tests.test_store import read_all, result
+from loom.testing import read_all
 
 IDS = st.sampled_from(["a", "b", "c"])
 

@@ -980,7 +980,7 @@ class Ingest:
             self._pending.append(parts)
             return
         try:
-            self._stream.append_parts(parts)
+            committing = self._stream.append_parts(parts)
         except StreamTooLarge as e:
             self._fail(e.message, reason=f"the size limit of {self._store.max_stream_bytes} "
                                          "bytes was reached")
@@ -991,8 +991,18 @@ class Ingest:
         except StreamCut:
             self._fail(None)
             return
+        if committing is not None:
+            # The byte log confirms later (a networked log): read nothing more
+            # from the producer until it has.
+            self._channel.pause_reading()
+            committing.addCallbacks(lambda _: self._channel.resume_reading(),
+                                    self._commit_failed)
         if self._store.fsync == "always" and not self._syncing:
             self._sync_before_reading_more()
+
+    def _commit_failed(self, failure: Failure) -> None:
+        self._channel.resume_reading()
+        self._fail(failure.getErrorMessage(), reason="the stream's log refused the data")
 
     def body_ended(self) -> None:
         self._body_ended = True

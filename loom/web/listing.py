@@ -121,12 +121,12 @@ def describe(record: StreamRecord) -> dict:
     return item
 
 
-def page(store, args) -> dict:
-    """One page of the listing: ``{"streams": [...], "next": cursor or null}``."""
-    filters = filters_from(args)
+async def page(store, filters: dict) -> dict:
+    """One page of the listing (``filters`` from filters_from):
+    ``{"streams": [...], "next": cursor or null}``."""
     limit = filters["limit"]
     # One more than asked tells whether there is a next page.
-    records = store.list_streams(**{**filters, "limit": limit + 1})
+    records = await store.list_streams(**{**filters, "limit": limit + 1})
     shown = records[:limit]
     return {
         "streams": [describe(record) for record in shown],

@@ -33,7 +33,7 @@ from loom.metadata import parse_metadata
 from loom.spy import Spy
 from loom.web.auth import BearerAuth, may, require
 from loom.web.ingest import Ingest
-from loom.web.listing import page
+from loom.web.listing import filters_from, page
 from loom.web.metrics import metrics_registry
 from loom.web.query import capped, count, flag, single, strict_flag
 from loom.web.responses import answer_failure, write_error, write_json
@@ -271,7 +271,15 @@ class StreamResource(JsonResource):
         stream_id = self._stream_id(method)
         notail = flag(request.args, b"notail")
         offset = query_offset(request)
-        handle = self._app.store.open(stream_id)
+        return render_async(request, lambda: self._answer_read(request, method, stream_id,
+                                                               notail, offset))
+
+    async def _answer_read(self, request, method: str, stream_id: str, notail: bool,
+                           offset: int | None) -> None:
+        handle = await self._app.store.open(stream_id)
+        if request._disconnected:
+            handle.close()
+            return
         try:
             start, end, status = self._plan(request, handle, notail, offset)
         except LoomError:
@@ -297,7 +305,7 @@ class StreamResource(JsonResource):
             handle.close()
             request.write(b"")
             request.finish()
-            return NOT_DONE_YET
+            return
         request.channel.limit_send_buffer(self._app.reader_send_buffer)
         follower = Follower(handle, RequestSink(request), self._app.clock, offset=start,
                             end=end, stall_timeout=self._app.stalled_reader_timeout,
@@ -311,7 +319,6 @@ class StreamResource(JsonResource):
         request.notifyFinish().addBoth(done)
         request.write(b"")  # headers now, even if no byte of the stream exists yet
         follower.start()
-        return NOT_DONE_YET
 
     def _plan(self, request, handle, notail: bool, offset: int | None):
         """(start, end or None to follow live, status) for a read."""
@@ -368,8 +375,12 @@ class StreamListing(AppLeaf):
         require(request, "read")
         if request.postpath and request.postpath != [b""]:
             raise NotFound("There is no such route.")
-        write_json(request, http.OK, page(self._app.store, request.args))
-        return NOT_DONE_YET
+        filters = filters_from(request.args)  # a bad query is answered before any work
+
+        async def answer():
+            write_json(request, http.OK, await page(self._app.store, filters))
+
+        return render_async(request, answer)
 
 
 class SpyResource(AppLeaf):
@@ -413,14 +424,16 @@ class HealthResource(AppLeaf):
     """``/health``: 200 when the catalog and the data directory are usable, else 503."""
 
     def render_GET(self, request):
-        try:
-            self._app.store.check_health()
-        except Unavailable as e:
-            write_json(request, http.SERVICE_UNAVAILABLE, {"status": "unavailable",
-                                                           "error": e.message})
-        else:
-            write_json(request, http.OK, {"status": "ok"})
-        return NOT_DONE_YET
+        async def answer():
+            try:
+                await self._app.store.check_health()
+            except Unavailable as e:
+                write_json(request, http.SERVICE_UNAVAILABLE, {"status": "unavailable",
+                                                               "error": e.message})
+            else:
+                write_json(request, http.OK, {"status": "ok"})
+
+        return render_async(request, answer)
 
 
 class MetricsResource(AppLeaf):
@@ -434,10 +447,17 @@ class MetricsResource(AppLeaf):
         # Prometheus 2, newer ones where asked).
         accept = (request.getHeader(b"accept") or b"").decode("latin-1")
         encode, content_type = choose_encoder(accept)
-        body = encode(self._app.registry)
-        request.setHeader(b"Content-Type", content_type.encode("ascii"))
-        request.setHeader(b"Content-Length", b"%d" % len(body))
-        return body
+
+        async def answer():
+            # The catalog is counted off the reactor; the collector reads the figure.
+            self._app.stream_count = await self._app.store.stream_count()
+            body = encode(self._app.registry)
+            request.setHeader(b"Content-Type", content_type.encode("ascii"))
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+
+        return render_async(request, answer)
 
 
 class LoomApp:
@@ -462,6 +482,7 @@ class LoomApp:
         self.reader_send_buffer = reader_send_buffer
         self.followers = 0
         self.spies = 0
+        self.stream_count = 0  # as of the last scrape
         self.errors: collections.Counter = collections.Counter()
         self.site_counters = SiteCounters()  # shared with the LoomSite
         self.registry, fsync = metrics_registry(self)

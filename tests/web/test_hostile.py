@@ -15,7 +15,7 @@ from tests.helpers import (
     raw_connect,
     start_server,
 )
-from tests.test_store import read_all
+from loom.testing import read_all
 
 HOSTILE_IDS = [
     b"..", b".", b"...", b"%2e%2e", b"%2E%2E%2Fetc", b"..%2f..%2fetc%2fpasswd", b"a%2Fb",
@@ -141,8 +141,9 @@ BAD_CHUNKS = {
 }
 
 
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("name", sorted(BAD_CHUNKS))
-def test_malformed_chunk_mid_stream_aborts_and_keeps_only_good_bytes(fake, name):
+async def test_malformed_chunk_mid_stream_aborts_and_keeps_only_good_bytes(fake, name):
     """A malformed chunk after good ones aborts the producer; the stream holds only the good bytes."""
     channel, transport = fake.connect()
     channel.dataReceived(b"POST /stream/c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -153,7 +154,7 @@ def test_malformed_chunk_mid_stream_aborts_and_keeps_only_good_bytes(fake, name)
     assert cut_off(transport), name
     assert transport.value() == before  # nothing spliced into the 201 response
     channel.connectionLost(None)
-    data, state = read_all(fake.store, "c")
+    data, state = (await read_all(fake.store, "c"))
     assert data.startswith(b"good ") and b"EVIL" not in data and b"more" not in data
     assert state == "aborted"
 

@@ -3,12 +3,13 @@
 import json
 
 import pytest
+import pytest_twisted
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from loom.config import Token
 from tests.helpers import chunk, cut_off, dechunk, json_body, make_fake_site, parse_response
-from tests.test_store import read_all
+from loom.testing import read_all
 
 GONE = Failure(ConnectionDone())
 
@@ -123,21 +124,23 @@ def test_head_has_the_get_headers_size_and_state_but_no_body(fake):
 # --- appending -----------------------------------------------------------------------
 
 
-def test_append_continues_an_aborted_stream(fake):
+@pytest_twisted.ensureDeferred
+async def test_append_continues_an_aborted_stream(fake):
     """POST ?append=true with the right X-Stream-Offset: 200, appended, one stream."""
     producer, _ = produce(fake, b"s", b"part one,", end=False)
     producer.connectionLost(GONE)
-    assert read_all(fake.store, "s") == (b"part one,", "aborted")
+    assert (await read_all(fake.store, "s")) == (b"part one,", "aborted")
     channel, transport = request(fake, b"POST", b"/stream/s?append=true",
                                  b"X-Stream-Offset: 9\r\nTransfer-Encoding: chunked\r\n",
                                  chunk(b" part two") + b"0\r\n\r\n")
     status, headers, _ = parse_response(transport.value())
     assert status == 200 and headers["x-stream-offset"] == "9"
     assert headers["x-stream-id"] == "s"
-    assert read_all(fake.store, "s") == (b"part one, part two", "complete")
+    assert (await read_all(fake.store, "s")) == (b"part one, part two", "complete")
 
 
-def test_append_with_the_wrong_offset_is_416_with_the_size(fake):
+@pytest_twisted.ensureDeferred
+async def test_append_with_the_wrong_offset_is_416_with_the_size(fake):
     """A producer that is wrong about the size learns it from X-Stream-Size; nothing stored."""
     producer, _ = produce(fake, b"s", b"12345", end=False)
     producer.connectionLost(GONE)
@@ -145,7 +148,7 @@ def test_append_with_the_wrong_offset_is_416_with_the_size(fake):
                            b"X-Stream-Offset: 9\r\nContent-Length: 3\r\n", b"xyz")
     status, headers, _ = parse_response(transport.value())
     assert status == 416 and headers["x-stream-size"] == "5"
-    assert read_all(fake.store, "s") == (b"12345", "aborted")
+    assert (await read_all(fake.store, "s")) == (b"12345", "aborted")
 
 
 @pytest.mark.parametrize(
