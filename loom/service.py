@@ -107,6 +107,7 @@ class LoomService(MultiService):
             max_connections=max_connections,
             max_connections_per_client=config.max_connections_per_client,
             trusted_proxies=TrustedProxies(config.trusted_proxies),
+            direct_send=config.direct_send,
             # Room for the largest metadata plus ordinary headers, so that
             # oversized metadata gets its 413 instead of a dropped connection.
             max_head_bytes=max(64 * 1024, config.max_metadata_bytes + 8192),

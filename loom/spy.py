@@ -261,6 +261,10 @@ class Spy(StallingPushProducer):
         self._ready[stream] = None
         self._pump()
 
+    def listener_failed(self) -> None:
+        """Showing a stream to this client raised (logged by the stream): drop the client."""
+        self._stalled()
+
     def stream_ended(self, stream: LiveStream) -> None:
         cursor = self._cursors.get(stream)
         if cursor is not None:

@@ -2,34 +2,43 @@
 
 * ``MemoryStore`` (from loom.store) with ``InlineRunners``: a stream store in
   dictionaries whose blocking work runs at once; ``ManualRunners`` holds file
-  syncs until the test runs them.
+  syncs until the test runs them; ``NextTurnRunners`` answers everything on a
+  later turn of the reactor, as a networked backend would.
 * ``make_fake_site``: a real LoomSite (channels, requests, resources) on a
   ``twisted.internet.task.Clock`` and a memory or disk store; ``connect()``
   gives a channel on a ``FakeTCPTransport`` to feed raw bytes into.
 * ``FaultyFileSystem``: the real file system, with chosen calls failing
   (ENOSPC, EIO), for a DiskStore's ``fs``.
 * ``RecordingSink``: a follower's consumer that records what it is given.
-* ``read_all``: a stream's bytes and state, as a reader would see them.
+* ``read_all``: a stream's bytes and state, as a reader would see them;
+  ``append``: append to a live stream and wait until the log committed it.
+* ``crash``: let a store's storage go as a killed process would, nothing recorded;
+  ``CrashAt``: crash points that kill the process itself at a chosen step (for
+  a server started by a test, see tests/helpers.py ``crashing_twistd``).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import weakref
 from dataclasses import dataclass
+from typing import ClassVar
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 
 from loom.store import DiskStore, InlineRunners, MemoryStore
-from loom.store.faults import FileSystem
+from loom.store.faults import CRASH_POINTS, CrashPoints, FileSystem
 from loom.web.auth import BearerAuth
 from loom.web.resources import LoomApp, Root
 from loom.web.site import LoomSite
 
-__all__ = ["FakeSite", "FakeTCPTransport", "FaultyFileSystem", "InlineRunners",
-           "ManualRunners", "MemoryStore", "RecordingSink", "make_fake_site", "read_all"]
+__all__ = ["CrashAt", "FakeSite", "FakeTCPTransport", "FaultyFileSystem", "InlineRunners",
+           "ManualRunners", "MemoryStore", "NextTurnRunners", "RecordingSink", "append", "crash",
+           "make_fake_site", "read_all"]
 
 
 async def read_all(store, stream_id: str) -> tuple[bytes, str]:
@@ -39,6 +48,44 @@ async def read_all(store, stream_id: str) -> tuple[bytes, str]:
         return handle.read(0, handle.size + 10)[: handle.size], handle.state
     finally:
         handle.close()
+
+
+async def append(stream, data: bytes) -> None:
+    """Append ``data`` to a LiveStream and wait until its log has committed it (as the
+    producer's request does); raises what ``append`` raises."""
+    pending = stream.append(data)
+    if pending is not None:
+        await pending
+
+
+def crash(store) -> None:
+    """As after ``kill -9``: the store's catalog and (for a DiskStore) its lock on the data
+    directory go; nothing is recorded, no stream is ended. Start a new store on the same
+    storage to see what start-up makes of it."""
+    store.stopped = True
+    store.housekeeping.stop_loops()
+    store.runners.stop()
+    for stream in store.signal.live_streams():
+        stream.file.release()  # as the process's end closes its files
+    store.catalog.close()
+
+
+class CrashAt(CrashPoints):
+    """Kill this process (SIGKILL, as ``kill -9``) the ``count``-th time ``point`` is reached."""
+
+    def __init__(self, point: str, count: int = 1):
+        if point not in CRASH_POINTS:
+            raise ValueError(f"unknown crash point {point!r}; known: {', '.join(CRASH_POINTS)}")
+        if count < 1:
+            raise ValueError(f"a crash point is reached at least once, not {count} times")
+        self.point = point
+        self.remaining = count
+
+    def reached(self, point: str) -> None:
+        if point == self.point:
+            self.remaining -= 1
+            if self.remaining == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ManualRunners(InlineRunners):
@@ -57,6 +104,21 @@ class ManualRunners(InlineRunners):
         d.callback(f(*args))
 
 
+class NextTurnRunners(InlineRunners):
+    """Every piece of work runs on the reactor thread, but only on a later turn of the
+    reactor: the answers of a backend across a network, for a MemoryStore."""
+
+    def __init__(self, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+
+    def catalog(self, f, *args):
+        return deferLater(self._reactor, 0, f, *args)
+
+    read = io = catalog
+
+
 class FakeTCPTransport(StringTransport):
     """StringTransport that can half-close, as a TCP transport can."""
 
@@ -66,7 +128,7 @@ class FakeTCPTransport(StringTransport):
         self.write_closed = True
 
 
-@dataclass
+@dataclass(eq=False)
 class FakeSite:
     """A real LoomSite on a Clock and a store with inline blocking work."""
 
@@ -74,6 +136,24 @@ class FakeSite:
     store: object
     site: LoomSite
     app: LoomApp
+
+    # Every FakeSite made and not closed yet, for a test suite to close after each test.
+    unclosed: ClassVar[weakref.WeakSet] = weakref.WeakSet()
+
+    def __post_init__(self):
+        FakeSite.unclosed.add(self)
+
+    def close(self) -> None:
+        """Let go of the store's files at once, as ``crash`` does (tests that want a
+        clean stop await ``store.stop()`` first)."""
+        FakeSite.unclosed.discard(self)
+        if not self.store.stopped:
+            crash(self.store)
+
+    @classmethod
+    def close_all(cls) -> None:
+        for fake in list(cls.unclosed):
+            fake.close()
 
     def connect(self, transport=None, host: str | None = None):
         """A channel on a fake transport; ``host``: the client's address, if it has one."""

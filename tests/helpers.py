@@ -46,6 +46,8 @@ CHILDREN: list = []
 
 # CI installs every tool the suite can use and sets this: a missing one fails there.
 REQUIRE_ALL = os.environ.get("TESTS_REQUIRE_ALL") == "1"
+# TESTS_DIRECT_SEND=0 runs every server of the suite with directSend off (CI runs both).
+DIRECT_SEND = os.environ.get("TESTS_DIRECT_SEND", "1") != "0"
 
 
 def unavailable(reason: str):
@@ -193,6 +195,7 @@ async def start_server(data_dir: str, **settings) -> RunningServer:
     """A server in this process. Followers of an aborted stream are cut at once
     (resume_window 0) unless the test asks for a resume window."""
     settings.setdefault("resume_window", None)
+    settings.setdefault("direct_send", DIRECT_SEND)
     config = Config(
         listen=("tcp:0:interface=127.0.0.1",), data_dir=str(data_dir), **settings
     )
@@ -251,6 +254,8 @@ def child_environment(**extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
+    if not DIRECT_SEND:
+        env["LOOM_DIRECT_SEND"] = "false"
     env.update(extra)
     return env
 
@@ -353,9 +358,20 @@ def _proc_status(pid: int, field_name: str) -> int:
     raise KeyError(field_name)
 
 
+def crashing_twistd(point: str, count: int = 1) -> list[str]:
+    """``twistd`` whose Loom kills itself the ``count``-th time it reaches crash point
+    ``point`` (loom.testing.CrashAt): the switch exists only here, never in the server."""
+    return [sys.executable, "-c",
+            "import functools, sys; from loom import tap; from loom.testing import CrashAt; "
+            f"tap.makeService = functools.partial(tap.makeService, crash=CrashAt({point!r}, "
+            f"{count})); from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+
+
 async def start_server_process(data_dir: str, *args: str, cwd: str | None = None,
-                               env: dict | None = None) -> ServerProcess:
-    argv = TWISTD + ["--nodaemon", "--pidfile=", "loom", "--data-dir", str(data_dir),
+                               env: dict | None = None,
+                               twistd: list[str] = TWISTD) -> ServerProcess:
+    """``twistd loom`` on ``data_dir`` and a loopback ephemeral port, once it is ready."""
+    argv = twistd + ["--nodaemon", "--pidfile=", "loom", "--data-dir", str(data_dir),
                      "--listen", "tcp:0:interface=127.0.0.1", *args]
     env = env or child_environment()
     env.setdefault("LOOM_RESUME_WINDOW", "0")  # cut followers of aborted streams at once

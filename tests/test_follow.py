@@ -63,18 +63,20 @@ async def finished_stream(store, stream_id, data):
     (await stream.complete())
 
 
-def test_follower_is_a_push_producer(store):
+@pytest_twisted.ensureDeferred
+async def test_follower_is_a_push_producer(store):
     """The follower provides IPushProducer."""
-    finished_stream(store, "s", b"x")
-    assert verifyObject(IPushProducer, Follower(store.open("s"), Sink(), Clock()))
+    (await finished_stream(store, "s", b"x"))
+    assert verifyObject(IPushProducer, Follower((await store.open("s")), Sink(), Clock()))
 
 
-def test_finished_stream_is_sent_whole_then_ended_cleanly(store):
+@pytest_twisted.ensureDeferred
+async def test_finished_stream_is_sent_whole_then_ended_cleanly(store):
     """A finished stream is sent completely, then the response ends cleanly."""
     data = bytes(range(256)) * 2000
-    finished_stream(store, "s", data)
+    (await finished_stream(store, "s", data))
     sink = Sink()
-    Follower(store.open("s"), sink, Clock(), end=len(data)).start()
+    Follower((await store.open("s")), sink, Clock(), end=len(data)).start()
     assert bytes(sink.data) == data and sink.ended and sink.producer is None
 
 
@@ -83,7 +85,7 @@ async def test_paused_follower_writes_nothing_until_resumed(store):
     """While its consumer is paused, a follower writes nothing, however much arrives."""
     stream = (await store.create("s", "{}"))
     sink, clock = Sink(limit=1), Clock()
-    follower = Follower(store.open("s"), sink, clock)
+    follower = Follower((await store.open("s")), sink, clock)
     follower.start()
     stream.append(b"a")  # fills the consumer: it pauses
     assert bytes(sink.data) == b"a"
@@ -104,7 +106,7 @@ async def test_live_stream_history_then_live_then_clean_end(store):
     stream = (await store.create("s", "{}"))
     stream.append(b"history ")
     sink = Sink()
-    follower = Follower(store.open("s"), sink, Clock())
+    follower = Follower((await store.open("s")), sink, Clock())
     follower.start()
     assert bytes(sink.data) == b"history "
     stream.append(b"live")
@@ -124,7 +126,7 @@ async def test_a_live_follower_from_an_offset_ends_cleanly_only_if_the_stream_re
     stream = (await store.create("s", "{}"))
     stream.append(b"abc")
     sink = Sink()
-    Follower(store.open("s"), sink, Clock(), offset=5).start()
+    Follower((await store.open("s")), sink, Clock(), offset=5).start()
     stream.append(later)
     (await stream.complete())
     assert sink.data == b"" and (sink.ended, sink.cut_off) == (clean, not clean)
@@ -134,7 +136,7 @@ async def test_a_live_follower_from_an_offset_ends_cleanly_only_if_the_stream_re
 async def test_caught_up_follower_takes_chunks_from_memory(store, monkeypatch):
     """A caught-up follower is handed fresh chunks without reading the file."""
     stream = (await store.create("s", "{}"))
-    handle = store.open("s")
+    handle = (await store.open("s"))
     sink = Sink()
     Follower(handle, sink, Clock()).start()
     reads = []
@@ -148,7 +150,7 @@ async def test_aborted_stream_is_drained_then_cut(store):
     """When the producer vanishes, the follower still gets every byte, then a cut."""
     stream = (await store.create("s", "{}"))
     sink = Sink(limit=1)
-    follower = Follower(store.open("s"), sink, Clock())
+    follower = Follower((await store.open("s")), sink, Clock())
     follower.start()
     stream.append(b"x" * 1000)
     (await stream.abort())
@@ -164,7 +166,7 @@ async def test_replaced_or_interrupted_stream_cuts_at_once(store, how):
     """When the data goes away (replace) or the server stops, followers are cut at once."""
     stream = (await store.create("s", "{}"))
     sink = Sink(limit=1)
-    Follower(store.open("s"), sink, Clock()).start()
+    Follower((await store.open("s")), sink, Clock()).start()
     stream.append(b"x" * 1000)
     if how == "replace":
         (await store.create("s", "{}", force=True))
@@ -179,7 +181,7 @@ async def test_notail_stops_at_the_size_when_opened(store):
     stream = (await store.create("s", "{}"))
     stream.append(b"now")
     sink = Sink()
-    Follower(store.open("s"), sink, Clock(), end=3).start()
+    Follower((await store.open("s")), sink, Clock(), end=3).start()
     stream.append(b"later")
     assert bytes(sink.data) == b"now" and sink.ended
 
@@ -189,7 +191,7 @@ async def test_stop_releases_the_follower(store):
     """A consumer that leaves unsubscribes its follower; nothing more is written."""
     stream = (await store.create("s", "{}"))
     sink = Sink()
-    follower = Follower(store.open("s"), sink, Clock())
+    follower = Follower((await store.open("s")), sink, Clock())
     follower.start()
     assert stream.listener_count == 1
     follower.stopProducing()
@@ -198,12 +200,13 @@ async def test_stop_releases_the_follower(store):
     assert bytes(sink.data) == b""
 
 
-def test_a_consumer_that_never_pauses_does_not_starve_the_reactor(store):
+@pytest_twisted.ensureDeferred
+async def test_a_consumer_that_never_pauses_does_not_starve_the_reactor(store):
     """Without back-pressure, a follower sends at most a turn's budget, then yields."""
     data = b"z" * (TURN_BUDGET * 3)
-    finished_stream(store, "s", data)
+    (await finished_stream(store, "s", data))
     sink, clock = Sink(), Clock()
-    Follower(store.open("s"), sink, clock, end=len(data)).start()
+    Follower((await store.open("s")), sink, clock, end=len(data)).start()
     assert len(sink.data) == TURN_BUDGET
     assert sink.writes == TURN_BUDGET // READ_SIZE
     clock.advance(0)
@@ -211,10 +214,11 @@ def test_a_consumer_that_never_pauses_does_not_starve_the_reactor(store):
     assert bytes(sink.data) == data and sink.ended
 
 
-def test_file_shorter_than_recorded_is_cut_not_looped(store):
+@pytest_twisted.ensureDeferred
+async def test_file_shorter_than_recorded_is_cut_not_looped(store):
     """If the data file holds fewer bytes than recorded, the response is cut."""
-    finished_stream(store, "s", b"abc")
-    handle = store.open("s")
+    (await finished_stream(store, "s", b"abc"))
+    handle = (await store.open("s"))
     sink = Sink()
     Follower(handle, sink, Clock(), end=10).start()
     assert bytes(sink.data) == b"abc" and sink.cut_off
@@ -259,7 +263,7 @@ async def test_a_follower_goes_on_from_the_first_byte_its_consumer_did_not_take(
     stream = (await store.create("s", "{}"))
     stream.append(data[:200000])
     sink, clock = ShortSink(take), Clock()
-    follower = Follower(store.open("s"), sink, clock)
+    follower = Follower((await store.open("s")), sink, clock)
     follower.start()
     assert sink.paused and len(sink.data) == take
     sink.resume_until_done(clock, lambda: follower.offset == 200000)
@@ -279,6 +283,6 @@ async def test_fresh_bytes_are_handed_over_in_pieces_a_socket_takes_whole(store)
     sizes = []
     write = sink.write
     sink.write = lambda parts, size: sizes.append(size) or write(parts, size)
-    Follower(store.open("s"), sink, Clock()).start()
+    Follower((await store.open("s")), sink, Clock()).start()
     stream.append(b"x" * 300_000)
     assert bytes(sink.data) == b"x" * 300_000 and max(sizes) == 64 * 1024

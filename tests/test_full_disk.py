@@ -22,7 +22,7 @@ from tests.helpers import (
     unavailable,
     unmount,
 )
-from loom.testing import read_all
+from loom.testing import crash, read_all
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -79,7 +79,7 @@ class Runs:
         return self.store
 
     def crash(self):
-        self.store._close_storage()  # as after kill -9
+        crash(self.store)  # as after kill -9
 
     async def stop(self):
         (await self.store.stop())
@@ -123,8 +123,8 @@ async def test_delete_on_a_full_disk_frees_its_space(disk):
     """With not one byte free, DELETE commits (the reserve makes room) and frees the space."""
     runs = Runs(disk)
     store = runs.start()
-    store_stream(store, "big", b"b" * (1024 * KiB))
-    store_stream(store, "keep", b"kept")
+    (await store_stream(store, "big", b"b" * (1024 * KiB)))
+    (await store_stream(store, "keep", b"kept"))
     fill_up(disk)
     assert free(disk) == 0
     (await store.delete("big"))
@@ -141,16 +141,16 @@ async def test_an_abort_for_a_full_disk_is_recorded_and_survives_a_restart(disk)
     """An abort for a full disk is committed with its reason and kept across a restart on it."""
     runs = Runs(disk)
     store = runs.start()
-    store_stream(store, "first", b"before")
+    (await store_stream(store, "first", b"before"))
     stream = (await store.create("big", "{}"))
     fill_up(disk, "filler-1")
-    fail_for_want_of_room(stream)
-    assert not store._unrecorded  # recorded, not held in memory
+    (await fail_for_want_of_room(stream))
+    assert not store.unrecorded  # recorded, not held in memory
     size = stream.size
-    runs.stop()
+    (await runs.stop())
     fill_up(disk, "filler-2")  # whatever the stop freed is taken too
     store = runs.start()
-    handle = store.open("big")
+    handle = (await store.open("big"))
     assert (handle.state, handle.size) == ("aborted", size)
     assert "No space left on device" in handle.record.reason
     handle.close()
@@ -166,7 +166,7 @@ async def test_while_the_reserve_is_spent_no_data_is_stored_until_room_returns(d
     other.append(b"before")
     big = (await store.create("big", "{}"))
     filler = fill_up(disk)
-    fail_for_want_of_room(big)
+    (await fail_for_want_of_room(big))
     assert not store.reserve.held and free(disk) > 0
     with pytest.raises(StorageFailed):
         other.append(b"would eat the room kept for the catalog")
@@ -176,13 +176,13 @@ async def test_while_the_reserve_is_spent_no_data_is_stored_until_room_returns(d
         (await store.create("refused", "{}"))
     assert "the disk is full" in str(caught.value)
     with pytest.raises(Unavailable) as caught:
-        store.check_health()
+        (await store.check_health())
     assert "full" in caught.value.message
     os.unlink(filler)
     stream = (await store.create("after", "{}"))
     stream.append(b"room again")
     (await stream.complete())
-    store.check_health()
+    (await store.check_health())
     assert store.reserve.held
 
 
@@ -191,8 +191,8 @@ async def test_start_up_on_a_full_disk_serves_reads(disk):
     """A clean restart with not one byte free starts on its reserve and serves reads."""
     runs = Runs(disk)
     store = runs.start()
-    store_stream(store, "kept", b"kept bytes")
-    runs.stop()
+    (await store_stream(store, "kept", b"kept bytes"))
+    (await runs.stop())
     filler = fill_up(disk)
     store = runs.start()
     assert (await read_all(store, "kept")) == (b"kept bytes", "complete")
@@ -200,7 +200,7 @@ async def test_start_up_on_a_full_disk_serves_reads(disk):
         (await store.create("refused", "{}"))
     assert runs.setting("clean_shutdown") == "0"  # cleared before anything can be created
     os.unlink(filler)
-    store_stream(store, "after", b"room again")
+    (await store_stream(store, "after", b"room again"))
 
 
 @pytest_twisted.ensureDeferred
@@ -208,12 +208,12 @@ async def test_start_up_with_no_room_and_no_reserve_waits_for_room(disk):
     """A restart on a full disk with no reserve serves reads, then finishes when room returns."""
     runs = Runs(disk)
     store = runs.start()
-    store_stream(store, "kept", b"kept bytes")
+    (await store_stream(store, "kept", b"kept bytes"))
     live = (await store.create("was-live", '{"job": 1}'))
     live.append(b"live bytes")
     big = (await store.create("big", "{}"))
     fill_up(disk, "filler-1")
-    fail_for_want_of_room(big)  # spends the reserve
+    (await fail_for_want_of_room(big))  # spends the reserve
     runs.crash()
     filler = fill_up(disk, "filler-2")
     store = runs.start()
@@ -224,7 +224,7 @@ async def test_start_up_with_no_room_and_no_reserve_waits_for_room(disk):
         (await store.create("refused", "{}"))
     assert "not finished starting" in str(caught.value)
     with pytest.raises(Unavailable) as caught:
-        store.check_health()
+        (await store.check_health())
     assert "reads only" in caught.value.message
     runs.clock.advance(1.0)  # still no room: still waiting
     with pytest.raises(StorageFailed):
@@ -232,12 +232,12 @@ async def test_start_up_with_no_room_and_no_reserve_waits_for_room(disk):
     os.unlink(filler)
     os.unlink(disk / "filler-1")
     runs.clock.advance(1.0)  # the catalog is opened for writing, and start-up's marks made
-    store_stream(store, "after", b"room again")
-    store.check_health()
+    (await store_stream(store, "after", b"room again"))
+    (await store.check_health())
     runs.crash()
     store = runs.start()  # the catalog itself now says interrupted
     assert (await read_all(store, "was-live")) == (b"live bytes", "interrupted")
-    assert store.open("was-live").metadata_json == '{"job": 1}'
+    assert (await store.open("was-live")).metadata_json == '{"job": 1}'
 
 
 @pytest_twisted.ensureDeferred
@@ -249,11 +249,11 @@ async def test_a_stop_while_waiting_for_room_records_no_clean_shutdown(disk):
     live.append(b"live bytes")
     big = (await store.create("big", "{}"))
     fill_up(disk, "filler-1")
-    fail_for_want_of_room(big)
+    (await fail_for_want_of_room(big))
     runs.crash()
     fill_up(disk, "filler-2")
     runs.start()
-    runs.stop()
+    (await runs.stop())
     assert runs.setting("clean_shutdown") == "0"
     assert [r.state for r in _records(runs) if r.id == "was-live"] == ["live"]
 
@@ -263,19 +263,19 @@ async def test_start_up_on_a_full_disk_without_room_for_sqlite_reads_the_catalog
     """With no room even for SQLite's shared memory, reads are served from the catalog as it is."""
     runs = Runs(disk, reserve=0)
     store = runs.start()
-    store_stream(store, "kept", b"kept bytes")
-    runs.stop()
+    (await store_stream(store, "kept", b"kept bytes"))
+    (await runs.stop())
     filler = fill_up(disk)
     store = runs.start()
-    assert store._immutable_reader
+    assert store.directory.immutable_reader
     assert (await read_all(store, "kept")) == (b"kept bytes", "complete")
-    assert [r.id for r in store.list_streams()] == ["kept"]
+    assert [r.id for r in (await store.list_streams())] == ["kept"]
     with pytest.raises(StorageFailed):
         (await store.create("refused", "{}"))
     os.unlink(filler)
     runs.clock.advance(1.0)  # the catalog is opened for writing, and start-up's marks made
-    assert not store._immutable_reader
-    store_stream(store, "after", b"room again")
+    assert not store.directory.immutable_reader
+    (await store_stream(store, "after", b"room again"))
     assert (await read_all(store, "kept")) == (b"kept bytes", "complete")
 
 

@@ -270,7 +270,7 @@ async def test_held_lines_are_shown_oldest_first_each_at_its_own_time(store, clo
     sink = Sink()
     spy = Spy(store, sink, clock)
     spy.start()
-    a, b, c = ((await store.create(name, "{}")) for name in "abc")
+    a, b, c = [(await store.create(name, "{}")) for name in "abc"]
     a.append(b"a-partial")
     clock.advance(0.4)
     b.append(b"b-partial")

@@ -26,7 +26,7 @@ from urllib.parse import quote
 from loom.errors import StreamExists
 from loom.model import STATES, StreamRecord, meta_rows
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS streams (
@@ -39,7 +39,6 @@ CREATE TABLE IF NOT EXISTS streams (
     finished_ms INTEGER,
     reason      TEXT
 );
-CREATE INDEX IF NOT EXISTS streams_by_state ON streams (state);
 CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -48,19 +47,29 @@ CREATE TABLE IF NOT EXISTS settings (
 
 # Version 3: metadata filters answered by an index, listing and retention by
 # indexes, and deletions that survive a crash between the row and the file.
+# Version 4: every listing walks an index in creation order, newest first, and
+# stops after ``limit`` rows: a metadata value's rows carry their stream's
+# creation time, and the state index is ordered by it too.
 _SCHEMA_V3 = """
 CREATE TABLE IF NOT EXISTS stream_meta (
-    stream_id TEXT NOT NULL,
-    key       TEXT NOT NULL,
-    value     TEXT NOT NULL
+    stream_id  TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    created_ms INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS stream_meta_by_value ON stream_meta (key, value, stream_id);
 CREATE INDEX IF NOT EXISTS stream_meta_by_stream ON stream_meta (stream_id);
 CREATE INDEX IF NOT EXISTS streams_by_created ON streams (created_ms, id);
 CREATE INDEX IF NOT EXISTS streams_by_finished ON streams (finished_ms);
 CREATE TABLE IF NOT EXISTS pending_deletes (
     storage TEXT PRIMARY KEY
 );
+"""
+_SCHEMA_V4 = """
+DROP INDEX IF EXISTS stream_meta_by_value;
+DROP INDEX IF EXISTS streams_by_state;
+CREATE INDEX IF NOT EXISTS stream_meta_by_value_created
+    ON stream_meta (key, value, created_ms, stream_id);
+CREATE INDEX IF NOT EXISTS streams_by_state_created ON streams (state, created_ms, id);
 """
 
 
@@ -77,6 +86,7 @@ class NotACatalog(CatalogError):
 
 
 _COLUMNS = "id, storage, metadata, state, size, created_ms, finished_ms, reason"
+_COLUMNS_OF_S = ", ".join("s." + column for column in _COLUMNS.split(", "))
 _PLACEHOLDERS = ", ".join("?" * len(_COLUMNS.split(", ")))
 
 
@@ -204,15 +214,22 @@ class Catalog:
                 self._db.execute("DROP TABLE streams_v1")
         else:
             self._db.executescript(_SCHEMA)
+        if exists and version == 3:
+            with _transaction(self._db):
+                self._db.execute("ALTER TABLE stream_meta ADD COLUMN created_ms INTEGER "
+                                 "NOT NULL DEFAULT 0")
+                self._db.execute("UPDATE stream_meta SET created_ms = (SELECT created_ms FROM "
+                                 "streams WHERE id = stream_meta.stream_id)")
         self._db.executescript(_SCHEMA_V3)  # (executescript commits: not in a transaction)
         if exists and version < 3:
             with _transaction(self._db):
-                rows = self._db.execute("SELECT id, metadata FROM streams").fetchall()
+                rows = self._db.execute("SELECT id, metadata, created_ms FROM streams")
                 self._db.execute("DELETE FROM stream_meta")
-                self._db.executemany(
-                    "INSERT INTO stream_meta VALUES (?, ?, ?)",
-                    [row for stream_id, text in rows for row in meta_rows(stream_id, text)],
-                )
+                self._db.executemany(_INSERT_META, [
+                    meta for stream_id, text, created_ms in rows.fetchall()
+                    for meta in _meta_values(stream_id, text, created_ms)])
+        if version < SCHEMA_VERSION:
+            self._db.executescript(_SCHEMA_V4)
         if version != SCHEMA_VERSION:
             # Only when it changes: on a full disk, every needless write can fail.
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -267,9 +284,8 @@ class Catalog:
                 self._insert_meta(record)
 
     def _insert_meta(self, record: StreamRecord) -> None:
-        self._db.executemany(
-            "INSERT INTO stream_meta VALUES (?, ?, ?)", meta_rows(record.id, record.metadata)
-        )
+        self._db.executemany(_INSERT_META, _meta_values(record.id, record.metadata,
+                                                        record.created_ms))
 
     @_writes(keeps_books=False)
     def replace(self, record: StreamRecord) -> str | None:
@@ -373,28 +389,42 @@ class Catalog:
 
         ``before`` is a (created_ms, id) cursor: only streams strictly older
         are listed, so pages stay stable while new streams are created.
-        Metadata filters go through the stream_meta index.
+
+        Each query walks one index in creation order, newest first, and stops
+        after ``limit`` matches, however many streams the catalog holds: the
+        first metadata filter's value index, else the state's, else the
+        creation index. Further filters are checked row by row.
         """
-        where, parameters = [], []
-        if state is not None:
-            where.append("state = ?")
-            parameters.append(state)
+        if meta:
+            (key, value), others = meta[0], meta[1:]
+            sql = (f"SELECT {_COLUMNS_OF_S} FROM stream_meta AS m "
+                   "INDEXED BY stream_meta_by_value_created CROSS JOIN streams AS s "
+                   "ON s.id = m.stream_id WHERE m.key = ? AND m.value = ?")
+            created, stream_id, parameters = "m.created_ms", "m.stream_id", [key, value]
+            if state is not None:
+                sql += " AND s.state = ?"
+                parameters.append(state)
+            for key, value in others:
+                sql += (" AND EXISTS (SELECT 1 FROM stream_meta AS o WHERE o.key = ? AND "
+                        "o.value = ? AND o.created_ms = s.created_ms AND o.stream_id = s.id)")
+                parameters += [key, value]
+        elif state is not None:
+            sql = (f"SELECT {_COLUMNS} FROM streams INDEXED BY streams_by_state_created "
+                   "WHERE state = ?")
+            created, stream_id, parameters = "created_ms", "id", [state]
+        else:
+            sql = f"SELECT {_COLUMNS} FROM streams INDEXED BY streams_by_created WHERE 1"
+            created, stream_id, parameters = "created_ms", "id", []
         if since_ms is not None:
-            where.append("created_ms >= ?")
+            sql += f" AND {created} >= ?"
             parameters.append(since_ms)
         if until_ms is not None:
-            where.append("created_ms < ?")
+            sql += f" AND {created} < ?"
             parameters.append(until_ms)
-        for key, value in meta:
-            where.append("id IN (SELECT stream_id FROM stream_meta WHERE key = ? AND value = ?)")
-            parameters += [key, value]
         if before is not None:
-            where.append("(created_ms < ? OR (created_ms = ? AND id < ?))")
+            sql += f" AND ({created} < ? OR ({created} = ? AND {stream_id} < ?))"
             parameters += [before[0], before[0], before[1]]
-        sql = f"SELECT {_COLUMNS} FROM streams"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_ms DESC, id DESC LIMIT ?"
+        sql += f" ORDER BY {created} DESC, {stream_id} DESC LIMIT ?"
         rows = self._db.execute(sql, (*parameters, limit)).fetchall()
         return [StreamRecord(*row) for row in rows]
 
@@ -434,6 +464,13 @@ class Catalog:
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
+
+
+_INSERT_META = "INSERT INTO stream_meta (stream_id, key, value, created_ms) VALUES (?, ?, ?, ?)"
+
+
+def _meta_values(stream_id: str, metadata_json: str, created_ms: int) -> list[tuple]:
+    return [(*row, created_ms) for row in meta_rows(stream_id, metadata_json)]
 
 
 def _values(record: StreamRecord) -> tuple:

@@ -75,7 +75,7 @@ class DataDirectory:
         # are served meanwhile; nothing is created or resumed.
         self._waiting_for_room: str | None = None
         self._start_up_ends: dict[str, StreamRecord] = {}
-        self._immutable_reader = False
+        self.immutable_reader = False
         self._room_loop: LoopingCall | None = None
         self.unrecorded: dict[str, StreamRecord] = {}
         self.on_readers_renewed = None  # called when reading connections must be made anew
@@ -167,7 +167,7 @@ class DataDirectory:
     def open_reader(self) -> Catalog:
         """A new reading connection (one per reader thread)."""
         return Catalog(self.catalog_path, readonly=True, create=False,
-                       immutable=self._immutable_reader)
+                       immutable=self.immutable_reader)
 
     def thd_writer(self) -> Catalog:
         if self._writer is None:
@@ -213,7 +213,7 @@ class DataDirectory:
         wal = self.catalog_path + "-wal"
         if os.path.exists(wal) and os.path.getsize(wal) > 0:
             raise CatalogError(f"the disk is full and the catalog cannot be opened: {error}")
-        self._immutable_reader = True
+        self.immutable_reader = True
         return Catalog(self.catalog_path, readonly=True, create=False, immutable=True)
 
     def start_looking_for_room(self) -> None:
@@ -247,7 +247,7 @@ class DataDirectory:
             except CatalogError:
                 return None
             reader = None
-            if self._immutable_reader:
+            if self.immutable_reader:
                 try:
                     reader = Catalog(self.catalog_path, readonly=True, create=False)
                 except CatalogError:
@@ -280,7 +280,7 @@ class DataDirectory:
             if reader is not None:
                 old, self._reader = self._reader, reader
                 old.close()
-                self._immutable_reader = False
+                self.immutable_reader = False
                 if self.on_readers_renewed is not None:
                     self.on_readers_renewed()
             return self._runners.catalog(self._thd_finish_starting).addCallback(

@@ -7,11 +7,13 @@ import errno
 import os
 
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from loom.buffers import after
 from loom.errors import Unavailable
 from loom.store.datadir import describe_size, stream_file
 from loom.store.faults import FileSystem
+from loom.store.interfaces import IByteLog
 
 log = Logger()
 
@@ -110,6 +112,7 @@ class _Missing:
 MISSING = _Missing()
 
 
+@implementer(IByteLog)
 class FileLog:
     """The byte log of one node: ``<data dir>/streams/<xx>/<storage>.data``, one file per stream.
 

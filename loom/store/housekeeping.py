@@ -37,6 +37,7 @@ class Housekeeping:
         self.retention = retention
         self._loops: list[LoopingCall] = []
         self._retry_loop: LoopingCall | None = None
+        self._retry_round: Deferred | None = None
         self._sync_round: Deferred | None = None
 
     def _loop(self, f, every: float, now: bool) -> LoopingCall:
@@ -52,12 +53,22 @@ class Housekeeping:
         if self.retention:
             self._loops.append(self._loop(self.sweep, RETENTION_EVERY, True))
 
-    async def stop(self) -> None:
+    def stop_loops(self) -> None:
         for loop in self._loops:
             if loop.running:
                 loop.stop()
+
+    async def stop(self) -> None:
+        self.stop_loops()
         if self._sync_round is not None:
             await self._sync_round
+
+    async def settled(self) -> None:
+        """Wait for the sync round and the retry of refused ends that are running, if any
+        (for tests: a round started by a clock's tick may finish on another thread)."""
+        for round_ in (self._sync_round, self._retry_round):
+            if round_ is not None:
+                await _when_done(round_)
 
     # the interval sync
 
@@ -126,7 +137,15 @@ class Housekeeping:
 
     def retry_later(self) -> None:
         if self._retry_loop is None or not self._retry_loop.running:
-            self._retry_loop = self._loop(self.retry_unrecorded, RETRY_EVERY, False)
+            self._retry_loop = self._loop(self._retry_round_now, RETRY_EVERY, False)
+
+    def _retry_round_now(self) -> Deferred:
+        def done(result):
+            self._retry_round = None
+            return result
+
+        self._retry_round = Deferred.fromCoroutine(self.retry_unrecorded())
+        return self._retry_round.addBoth(done)
 
     async def retry_unrecorded(self) -> None:
         """Try again to write down the ends the catalog refused earlier."""
@@ -144,6 +163,19 @@ class Housekeeping:
                          size=record.size)
         if not store.unrecorded and self._retry_loop is not None and self._retry_loop.running:
             self._retry_loop.stop()
+
+
+def _when_done(d: Deferred) -> Deferred:
+    """A Deferred that fires (with None) when ``d`` does, leaving ``d``'s result to its
+    other callbacks (awaiting ``d`` itself would take it)."""
+    done: Deferred = Deferred()
+
+    def passing(result):
+        done.callback(None)
+        return result
+
+    d.addBoth(passing)
+    return done
 
 
 def _age(seconds: float) -> str:

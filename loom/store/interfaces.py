@@ -52,7 +52,7 @@ class ICatalog(Interface):
     def expired(before_ms, limit):
         """(id, storage) of up to ``limit`` finished streams that ended before ``before_ms``."""
 
-    def list(state, since_ms, until_ms, meta, before, limit):
+    def list(state=None, since_ms=None, until_ms=None, meta=(), before=None, limit=100):
         """Records matching every filter, newest first (see loom.web.listing)."""
 
     def count():

@@ -189,12 +189,12 @@ class LiveStream:
                 log.error("syncing stream {stream_id} failed: {error}",
                           stream_id=self.id, error=result.getErrorMessage())
                 self._sync_failed = True
-                failure = Failure(StorageFailed(f"syncing stream {self.id} failed"))
-                for waiter in waiters:
-                    waiter.errback(failure)
                 if self.outcome is None and not self.closing and self.on_cut is not None:
                     # Tell the producer now rather than at the end of its body.
                     self.on_cut(ABORTED)
+                failure = Failure(StorageFailed(f"syncing stream {self.id} failed"))
+                for waiter in waiters:
+                    waiter.errback(failure)
             else:
                 self.synced = max(self.synced, target)
                 self.fsynced = max(self.fsynced, target)

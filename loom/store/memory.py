@@ -2,22 +2,30 @@
 
 ``MemoryStore`` composes them with the in-process live signal; give a later
 MemoryStore the same ``records`` and ``files`` to simulate a restart.
-``MemoryLog(commits="manual")`` holds every append uncommitted until the test
-calls ``commit()``: the asynchronous side of the byte-log contract that a
-networked log has.
+
+Every answer goes through the store's runners: with ``InlineRunners`` it is
+there at once (as the local backend's), with ``loom.testing.NextTurnRunners``
+only on a later turn of the reactor, as a networked backend's would be. How
+the byte log confirms appends is chosen by ``commits``: ``"now"`` (as a local
+file does: ``append`` returns None), ``"later"`` (through the runners) or
+``"manual"`` (held until the test calls ``commit()``). The stream store must
+wake followers, and let its producer go on, only once an append is committed.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from loom.errors import StreamExists
 from loom.model import INTERRUPTED, INTERRUPTED_REASON, LIVE, StreamRecord, meta_rows
 from loom.store.interfaces import IByteLog, ICatalog
 from loom.store.streams import StreamStore
+from loom.store.threads import InlineRunners, Runners
+
+COMMITS = ("now", "later", "manual")
 
 
 class MemoryFile:
@@ -51,10 +59,12 @@ class MemoryCatalog:
     """Records in a dictionary. ``sizes(storage)`` tells how many bytes a stream holds,
     for the streams a "crash" left live; ``clock`` times their end."""
 
-    def __init__(self, records: dict | None = None, sizes=None, clock=None):
+    def __init__(self, records: dict | None = None, sizes=None, clock=None,
+                 runners: Runners | None = None):
         self.records: dict[str, StreamRecord] = {} if records is None else records
         self._sizes = sizes
         self._clock = clock
+        self._runners = runners or InlineRunners()
 
     def open(self) -> None:
         """A restart: streams left live become interrupted, sized by their bytes."""
@@ -71,51 +81,67 @@ class MemoryCatalog:
         pass
 
     def get(self, stream_id):
-        return succeed(self.records.get(stream_id))
+        return self._runners.read(self.records.get, stream_id)
 
     def add(self, record, replace):
-        old = self.records.get(record.id)
-        if old is not None and not replace:
-            return fail(StreamExists(record.id))
-        self.records[record.id] = record
-        return succeed(old.storage if old else None)
+        def add():
+            old = self.records.get(record.id)
+            if old is not None and not replace:
+                raise StreamExists(record.id)
+            self.records[record.id] = record
+            return old.storage if old else None
+
+        return self._runners.catalog(add)
 
     def finish(self, record, state, size, finished_ms, reason):
-        current = self.records.get(record.id)
-        if current is None or current.storage != record.storage:
-            return succeed(False)
-        self.records[record.id] = replace(
-            current, state=state, size=size, finished_ms=finished_ms or current.finished_ms,
-            reason=reason,
-        )
-        return succeed(True)
+        def finish():
+            current = self.records.get(record.id)
+            if current is None or current.storage != record.storage:
+                return False
+            self.records[record.id] = replace(
+                current, state=state, size=size,
+                finished_ms=finished_ms or current.finished_ms, reason=reason,
+            )
+            return True
+
+        return self._runners.catalog(finish)
 
     def reopen(self, record):
-        current = self.records.get(record.id)
-        if current is None or current.storage != record.storage:
-            return succeed(False)
-        self.records[record.id] = replace(current, state=LIVE, finished_ms=None, reason=None)
-        return succeed(True)
+        def reopen():
+            current = self.records.get(record.id)
+            if current is None or current.storage != record.storage:
+                return False
+            self.records[record.id] = replace(current, state=LIVE, finished_ms=None,
+                                              reason=None)
+            return True
+
+        return self._runners.catalog(reopen)
 
     def delete(self, streams):
-        storages = []
-        for stream_id, storage in streams:
-            current = self.records.get(stream_id)
-            if current is not None and current.storage == storage:
-                del self.records[stream_id]
-                storages.append(storage)
-        return succeed(storages)
+        def delete():
+            storages = []
+            for stream_id, storage in streams:
+                current = self.records.get(stream_id)
+                if current is not None and current.storage == storage:
+                    del self.records[stream_id]
+                    storages.append(storage)
+            return storages
+
+        return self._runners.catalog(delete)
 
     def forget_deletes(self, storages):
-        return succeed(None)
+        return self._runners.catalog(lambda: None)
 
     def expired(self, before_ms, limit):
-        expired = sorted(
-            (r for r in self.records.values()
-             if r.state != LIVE and r.finished_ms is not None and r.finished_ms < before_ms),
-            key=lambda r: r.finished_ms,
-        )[:limit]
-        return succeed([(r.id, r.storage) for r in expired])
+        def expired():
+            old = sorted(
+                (r for r in self.records.values()
+                 if r.state != LIVE and r.finished_ms is not None and r.finished_ms < before_ms),
+                key=lambda r: r.finished_ms,
+            )[:limit]
+            return [(r.id, r.storage) for r in old]
+
+        return self._runners.read(expired)
 
     def list(self, state=None, since_ms=None, until_ms=None, meta=(), before=None, limit=100):
         def matches(record):
@@ -130,73 +156,89 @@ class MemoryCatalog:
             indexed = {(k, v) for _, k, v in meta_rows(record.id, record.metadata)}
             return all(pair in indexed for pair in meta)
 
-        chosen = sorted(filter(matches, self.records.values()),
-                        key=lambda r: (r.created_ms, r.id), reverse=True)
-        return succeed(chosen[:limit])
+        def listing():
+            chosen = sorted(filter(matches, self.records.values()),
+                            key=lambda r: (r.created_ms, r.id), reverse=True)
+            return chosen[:limit]
+
+        return self._runners.read(listing)
 
     def count(self):
-        return succeed(len(self.records))
+        return self._runners.read(len, self.records)
 
     def health(self):
-        return succeed(None)
+        return self._runners.read(lambda: None)
 
     def mark_clean_shutdown(self):
-        return succeed(None)
+        return self._runners.catalog(lambda: None)
 
 
 @implementer(IByteLog)
 class MemoryLog:
     """Streams' bytes in a dictionary of bytearrays, by storage name.
 
-    With ``commits="manual"`` an append is handed over at once (readers of the
-    file can see it) but committed only when ``commit()`` is called: the stream
-    store must wake followers, and let its producer go on, only then.
+    An append is handed over at once (readers of the file can see it);
+    ``commits`` says when it is confirmed (see the module's docstring).
     """
 
-    def __init__(self, files: dict | None = None, commits: str = "now"):
+    def __init__(self, files: dict | None = None, runners: Runners | None = None,
+                 commits: str = "now"):
+        if commits not in COMMITS:
+            raise ValueError(f"commits must be one of {', '.join(COMMITS)}, not {commits!r}")
         self.files: dict[str, bytearray] = {} if files is None else files
-        self._manual = commits == "manual"
+        self._runners = runners or InlineRunners()
+        self._commits = commits
         self.pending: list[Deferred] = []
 
     def size_of(self, storage: str) -> int:
         return len(self.files.get(storage, b""))
 
     def create(self, storage):
-        self.files[storage] = bytearray()
-        return succeed(MemoryFile(self.files[storage]))
+        def create():
+            self.files[storage] = bytearray()
+            return MemoryFile(self.files[storage])
+
+        return self._runners.io(create)
 
     def reopen(self, storage, size):
-        data = self.files.setdefault(storage, bytearray())
-        del data[size:]
-        return succeed(MemoryFile(data))
+        def reopen():
+            data = self.files.setdefault(storage, bytearray())
+            del data[size:]
+            return MemoryFile(data)
+
+        return self._runners.io(reopen)
 
     def open(self, storage):
         return MemoryFile(self.files.setdefault(storage, bytearray()))
 
     def append(self, file, offset, parts):
         file.write(parts)
-        if not self._manual:
+        if self._commits == "now":
             return None
+        if self._commits == "later":
+            return self._runners.io(lambda: None)
         d = Deferred()
         self.pending.append(d)
         return d
 
     def commit(self) -> None:
-        """Commit every append made so far, in order."""
+        """Commit every append made so far, in order (``commits="manual"``)."""
         pending, self.pending = self.pending, []
         for d in pending:
             d.callback(None)
 
     def sync(self, file):
-        return succeed(None)
+        return self._runners.io(file.thd_sync)
 
     def sync_many(self, files):
-        return succeed(None)
+        return self._runners.io(lambda: None)
 
     def remove(self, storages):
-        for storage in storages:
-            self.files.pop(storage, None)
-        return succeed(None)
+        def remove():
+            for storage in storages:
+                self.files.pop(storage, None)
+
+        return self._runners.io(remove)
 
     def health(self) -> None:
         pass
@@ -205,9 +247,10 @@ class MemoryLog:
 class MemoryStore(StreamStore):
     """A stream store in memory: the same contract as DiskStore, for tests."""
 
-    def __init__(self, clock, runners=None, records: dict | None = None,
+    def __init__(self, clock, runners: Runners | None = None, records: dict | None = None,
                  files: dict | None = None, commits: str = "now", **options):
-        byte_log = MemoryLog(files, commits)
-        catalog = MemoryCatalog(records, byte_log.size_of, clock)
+        runners = runners or InlineRunners()
+        byte_log = MemoryLog(files, runners, commits)
+        catalog = MemoryCatalog(records, byte_log.size_of, clock, runners)
         super().__init__(catalog, byte_log, clock, runners, **options)
         self.records, self.files = catalog.records, byte_log.files

@@ -81,8 +81,10 @@ class SQLiteCatalog:
     def get(self, stream_id: str) -> Deferred:
         return self._read("get", stream_id)
 
-    def list(self, **filters) -> Deferred:
-        return self._read("list", **filters)
+    def list(self, state=None, since_ms=None, until_ms=None, meta=(), before=None,
+             limit=100) -> Deferred:
+        return self._read("list", state=state, since_ms=since_ms, until_ms=until_ms, meta=meta,
+                          before=before, limit=limit)
 
     def count(self) -> Deferred:
         return self._read("count")

@@ -127,7 +127,7 @@ class StreamStore:
         self._catalog = catalog
         self.log = log
         self.signal = signal or LocalSignal()
-        self._runners = runners or InlineRunners()
+        self.runners = runners or InlineRunners()
         self.fsync = fsync
         self.max_stream_bytes = max_stream_bytes
         self.resume_window = resume_window
@@ -162,11 +162,11 @@ class StreamStore:
     # life cycle
 
     def start(self) -> None:
-        self._runners.start()
+        self.runners.start()
         try:
             self._catalog.open()
         except BaseException:
-            self._runners.stop()  # no thread may keep a failed start-up alive
+            self.runners.stop()  # no thread may keep a failed start-up alive
             self._catalog.close()
             raise
         self.housekeeping.start()
@@ -200,7 +200,7 @@ class StreamStore:
                 await self._catalog.mark_clean_shutdown()
             except CatalogError as e:
                 log.warn("could not record a clean shutdown: {error}", error=e)
-        self._runners.stop()
+        self.runners.stop()
         self._catalog.close()
 
     def observe_sync(self, seconds: float, result) -> None:

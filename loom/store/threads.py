@@ -45,7 +45,8 @@ class ThreadRunners:
 
     def stop(self) -> None:
         for pool in (self._catalog, self._read, self._io):
-            pool.stop()
+            if not pool.joined:
+                pool.stop()
 
     def catalog(self, f, *args):
         return deferToThreadPool(self._reactor, self._catalog, f, *args)

@@ -12,6 +12,8 @@ from typing import Awaitable, Callable
 
 from prometheus_client.exposition import choose_encoder
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -36,16 +38,44 @@ from loom.web.ingest import Ingest
 from loom.web.listing import filters_from, page
 from loom.web.metrics import metrics_registry
 from loom.web.query import capped, count, flag, single, strict_flag
-from loom.web.responses import answer_failure, write_error, write_json
+from loom.web.responses import answer_failure, write_error, write_json, write_json_text
 from loom.web.site import SiteCounters
+
+log = Logger()
 
 SERVER_HEADER = f"Loom/{__version__}".encode("ascii")
 
 
-def render_async(request, handler: Callable[[], Awaitable[None]]) -> int:
-    """Run a coroutine handler for ``request``; errors become JSON answers."""
-    Deferred.fromCoroutine(handler()).addErrback(lambda f: answer_failure(request, f))
+def render_async(request, handler: Callable[[], Awaitable[None]],
+                 cancel_on_disconnect: bool = True) -> int:
+    """Run a coroutine handler for ``request``; errors become JSON answers.
+
+    If the client disconnects first, the handler is cancelled where it waits
+    (CancelledError, answered to no one): a change it started in the store
+    must be ``shielded`` so that it runs to its end all the same.
+    """
+    running = Deferred.fromCoroutine(handler())
+    running.addErrback(lambda f: answer_failure(request, f))
+    if cancel_on_disconnect and not running.called:
+        request.notifyFinish().addErrback(lambda _: running.cancel())
     return NOT_DONE_YET
+
+
+def shielded(change: Awaitable) -> Deferred:
+    """Wait for ``change`` (a store operation) such that cancelling the wait does not cancel
+    the change: once begun, it runs to its end, and a failure nobody waits for any more is
+    logged."""
+    work = Deferred.fromCoroutine(change) if not isinstance(change, Deferred) else change
+    waiter: Deferred = Deferred()
+
+    def done(result):
+        if not waiter.called:
+            waiter.callback(result)  # (a Failure goes down the errback chain)
+        elif isinstance(result, Failure) and not result.check(LoomError):
+            log.failure("a change whose client left failed", result)
+
+    work.addBoth(done)
+    return waiter
 
 
 class JsonResource(Resource):
@@ -112,11 +142,11 @@ class RequestSink:
         self._request.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
-        if not self._request._disconnected:
+        if not self._request.gone:
             self._request.unregisterProducer()
 
     def end(self) -> None:
-        if not self._request._disconnected and not self._request.finished:
+        if not self._request.gone and not self._request.finished:
             self._request.finish()
 
     def cut(self) -> None:
@@ -224,7 +254,9 @@ class StreamResource(JsonResource):
         self._check_declared_length(request)
         ingest = Ingest(request, self._app.store, self._app.producer_idle_timeout,
                         respond_at_end(request))
-        return render_async(request, lambda: ingest.run(stream_id, metadata_json, force))
+        # (An ingest whose producer leaves ends its stream itself: see Ingest.body_lost.)
+        return render_async(request, lambda: ingest.run(stream_id, metadata_json, force),
+                            cancel_on_disconnect=False)
 
     def _append(self, request, stream_id: str | None, force: bool):
         if stream_id is None:
@@ -248,7 +280,7 @@ class StreamResource(JsonResource):
                 # The size is for those who may read the stream anyway.
                 raise e if may(request, "read") else e.without_size() from None
 
-        return render_async(request, append)
+        return render_async(request, append, cancel_on_disconnect=False)
 
     def _check_declared_length(self, request) -> None:
         limit = self._app.store.max_stream_bytes
@@ -277,7 +309,7 @@ class StreamResource(JsonResource):
     async def _answer_read(self, request, method: str, stream_id: str, notail: bool,
                            offset: int | None) -> None:
         handle = await self._app.store.open(stream_id)
-        if request._disconnected:
+        if request.gone:
             handle.close()
             return
         try:
@@ -345,7 +377,7 @@ class StreamResource(JsonResource):
         stream_id = self._stream_id("DELETE")
 
         async def delete():
-            await self._app.store.delete(stream_id)
+            await shielded(self._app.store.delete(stream_id))
             request.setResponseCode(http.NO_CONTENT)
             request.finish()
 
@@ -378,7 +410,7 @@ class StreamListing(AppLeaf):
         filters = filters_from(request.args)  # a bad query is answered before any work
 
         async def answer():
-            write_json(request, http.OK, await page(self._app.store, filters))
+            write_json_text(request, http.OK, await page(self._app.store, filters))
 
         return render_async(request, answer)
 

@@ -64,7 +64,8 @@ class Reader(Protocol):
 
 
 class Counter(Protocol):
-    """An HTTP/1.0 follower that reads everything and fires when ``total`` body bytes came."""
+    """An HTTP/1.0 follower that reads everything; ``done`` fires when the server closed the
+    response after ``total`` body bytes (the stream ended), with the body's length."""
 
     def __init__(self, total: int):
         self.left = total
@@ -82,8 +83,9 @@ class Counter(Protocol):
                 return
             data, self.head = bytes(self.head[end + 4:]), None
         self.left -= len(data)
-        if self.left <= 0 and not self.done.called:
-            self.done.callback(None)
+
+    def connectionLost(self, reason):
+        self.done.callback(-self.left if self.head is None else None)
 
 
 def connect(port: int, protocol: Protocol) -> Deferred:
@@ -145,10 +147,11 @@ async def test_1000_stalled_readers_cost_a_few_kib_each_and_give_it_back(tmp_pat
         pump = ChunkPump(producer, len(PAYLOAD), lambda: next(stream))
         pump.start()
         await pump.finished
-        # The last byte reached a reader that reads; the server hands each append to
-        # every reader before it reads on, so every stalled reader was offered it all.
-        await counter.done
-        assert await readers_served(server.port) == READERS + 1
+        # The whole stream reached a reader that reads, and its response ended (so it is
+        # no longer served); the server hands each append to every reader before it reads
+        # on, so every stalled reader was offered it all, and is still being served.
+        assert await counter.done == 0
+        assert await readers_served(server.port) == READERS
         stalled = server.rss_kib()
         peak = server.peak_rss_kib()
 
@@ -169,7 +172,6 @@ async def test_1000_stalled_readers_cost_a_few_kib_each_and_give_it_back(tmp_pat
 
         for reader in readers:
             reader.transport.abortConnection()
-        counter.transport.abortConnection()
         producer.transport.loseConnection()
         for _ in range(1000):
             if await readers_served(server.port) == 0:

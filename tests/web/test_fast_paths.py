@@ -7,11 +7,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock
-from twisted.web.http import _MalformedChunkedDataError
+from loom.web.chunked import MalformedBody
 
 from loom.buffers import pieces
 from loom.store import DiskStore, InlineRunners
-from loom.web.ingest import _BodyDecoder
+from loom.web.chunked import BodyDecoder as _BodyDecoder
 from tests.helpers import FaultyFileSystem, chunk, guard, raw_connect, start_producer
 
 
@@ -75,7 +75,7 @@ def test_malformed_chunking_delivers_the_good_bytes_then_raises():
     """Bytes before a malformation are delivered; then Twisted's own error is raised."""
     got = []
     decoder = _BodyDecoder(None, lambda parts: got.extend(bytes(p) for p in parts), None)
-    with pytest.raises(_MalformedChunkedDataError):
+    with pytest.raises(MalformedBody):
         decoder.dataReceived(chunk(b"good") + b"zz\r\nbad\r\n")
     assert got == [b"good"]
 

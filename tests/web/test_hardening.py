@@ -298,7 +298,7 @@ async def test_a_malformed_first_chunk_while_the_stream_is_made_leaves_nothing(t
     assert status == 400 and transport.value().count(b"HTTP/1.1") == 1
     channel.connectionLost(None)
     runners.run_all()
-    assert store.live_streams() == [] and store.list_streams() == []
+    assert store.live_streams() == [] and (await store.list_streams()) == []
     channel, transport = send(fake, b"POST /stream/m HTTP/1.1\r\nHost: x\r\n"
                                     b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b"good")
                               + b"0\r\n\r\n")
@@ -317,7 +317,7 @@ async def test_a_malformed_first_chunk_after_the_201_leaves_nothing(fake):
     channel.dataReceived(b"-1\r\nbad\r\n")
     assert cut_off(transport)
     channel.connectionLost(None)
-    assert [r.id for r in fake.store.list_streams()] == ["done"]
+    assert [r.id for r in (await fake.store.list_streams())] == ["done"]
     _, transport = send(fake, b"POST /stream/m HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
     assert parse_response(transport.value())[0] == 201
     assert (await read_all(fake.store, "m")) == (b"ok", "complete")
@@ -330,7 +330,7 @@ async def test_a_malformed_chunk_after_data_keeps_the_data_and_says_why(fake):
                             b"\r\n\r\n" + chunk(b"kept") + b"zz\r\n")
     channel.connectionLost(None)
     assert (await read_all(fake.store, "m")) == (b"kept", "aborted")
-    assert fake.store.open("m").record.reason == "the request body was malformed"
+    assert (await fake.store.open("m")).record.reason == "the request body was malformed"
 
 
 # --- scopes ------------------------------------------------------------------------------------
@@ -423,7 +423,7 @@ async def test_only_the_writing_token_may_take_a_live_stream_over(guarded):
 async def test_a_read_of_tiny_chunks_is_decoded_a_bounded_batch_per_turn(fake):
     """One read of 10,240 one-byte chunks is decoded 2,048 chunks per reactor turn, reading
     nothing more meanwhile, so other connections get their turns; every byte is stored."""
-    from loom.web.ingest import _BodyDecoder
+    from loom.web.chunked import BodyDecoder as _BodyDecoder
 
     batch = _BodyDecoder.MAX_CHUNKS_PER_TURN
     channel, transport = send(fake, b"POST /stream/tiny HTTP/1.1\r\nHost: x\r\n"

@@ -73,7 +73,8 @@ def test_hostile_metadata_gets_4xx_json_and_creates_no_stream(fake, metadata):
     assert fake.store.live_streams() == []
 
 
-def test_many_keys_within_the_limit_are_fine(fake):
+@pytest_twisted.ensureDeferred
+async def test_many_keys_within_the_limit_are_fine(fake):
     """A large but valid object (hundreds of keys, under 8 KiB) is accepted and echoed."""
     metadata = {f"key{i}": i for i in range(500)}
     raw = json.dumps(metadata).encode()
@@ -82,7 +83,7 @@ def test_many_keys_within_the_limit_are_fine(fake):
     channel.dataReceived(b"POST /stream/keys HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
                          b"X-Stream-Metadata: " + raw + b"\r\n\r\n")
     assert parse_response(transport.value())[0] == 201
-    assert json.loads(fake.store.open("keys").metadata_json) == metadata
+    assert json.loads((await fake.store.open("keys")).metadata_json) == metadata
 
 
 SMUGGLING = {
@@ -113,8 +114,9 @@ SMUGGLING = {
 }
 
 
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("name", sorted(SMUGGLING))
-def test_smuggling_attempts_are_refused_and_store_nothing(fake, name):
+async def test_smuggling_attempts_are_refused_and_store_nothing(fake, name):
     """Ambiguous framing is refused before any stream exists; no foreign bytes are stored."""
     channel, transport = fake.connect()
     channel.dataReceived(SMUGGLING[name])
@@ -124,7 +126,7 @@ def test_smuggling_attempts_are_refused_and_store_nothing(fake, name):
     from loom.errors import StreamNotFound
 
     with pytest.raises(StreamNotFound):
-        fake.store.open("s")
+        (await fake.store.open("s"))
 
 
 BAD_CHUNKS = {

@@ -10,9 +10,10 @@ import os
 import pytest
 import pytest_twisted
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from loom.store import ABORTED, COMPLETE
+from loom.store import ABORTED, COMPLETE, DiskStore
 from tests.helpers import (
     chunk,
     cut_off,
@@ -22,7 +23,7 @@ from tests.helpers import (
     ManualRunners,
     parse_response,
 )
-from loom.testing import read_all
+from loom.testing import MemoryStore, read_all
 
 POST_CHUNKED = (
     b"POST %s HTTP/1.1\r\nHost: loom\r\nTransfer-Encoding: chunked\r\n%s\r\n"
@@ -229,12 +230,13 @@ def test_invalid_ids_are_400_and_create_nothing(tmp_path, target):
     assert sorted(os.walk(tmp_path)) == before
 
 
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize(
     "metadata, status",
     [(b"{nope", 400), (b'{"a": NaN}', 400), (b'{"a": Infinity}', 400), (b"[1]", 400),
      (b"[" * 3000 + b"]" * 3000, 400), (b'{"a": "' + b"x" * 9000 + b'"}', 413)],
 )
-def test_bad_metadata_is_refused_and_no_stream_is_created(fake, metadata, status):
+async def test_bad_metadata_is_refused_and_no_stream_is_created(fake, metadata, status):
     """Invalid, non-finite, non-object, deep or oversized metadata: 4xx JSON, no stream."""
     channel, transport = fake.connect()
     channel.dataReceived(post(extra=b"X-Stream-Metadata: " + metadata + b"\r\n") + chunk(b"d"))
@@ -244,7 +246,7 @@ def test_bad_metadata_is_refused_and_no_stream_is_created(fake, metadata, status
     from loom.errors import StreamNotFound
 
     with pytest.raises(StreamNotFound):
-        fake.store.open("s1")
+        (await fake.store.open("s1"))
 
 
 def test_pipelined_get_after_a_post_is_answered(fake):
@@ -276,11 +278,12 @@ async def test_storage_failure_after_201_aborts_the_producer(fake, monkeypatch):
 def test_fsync_always_stops_reading_until_the_chunk_is_synced(tmp_path):
     """With fsync: always the producer is not read from while a sync is outstanding."""
 
-    fake = make_fake_site(data_dir=str(tmp_path), fsync="always")
-    runners = ManualRunners()
-    fake.store._runners = runners
+    runners, clock = ManualRunners(), Clock()
+    fake = make_fake_site(store=DiskStore(str(tmp_path), clock, runners, fsync="always"),
+                          clock=clock)
     channel, transport = fake.connect()
     channel.dataReceived(post() + chunk(b"one"))
+    runners.run_next()  # the stream's file is made
     assert transport.producerState == "paused" and len(runners.pending) == 1
     runners.run_next()
     assert transport.producerState == "producing"
@@ -346,3 +349,32 @@ def test_unexpected_errors_are_json_500(fake, monkeypatch):
     status, headers, body = parse_response(transport.value())
     assert status == 500 and headers["content-type"] == "application/json"
     assert b"Traceback" not in body and "error" in json_body(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ingest_stops_reading_while_appends_wait_to_be_committed():
+    """A log that confirms appends later (as a networked one does): the producer's
+    connection is not read while an append waits for its confirmation, followers see only
+    confirmed bytes, and the stream ends complete once everything is confirmed."""
+    clock = Clock()
+    store = MemoryStore(clock, commits="manual")
+    fake = make_fake_site(store=store, clock=clock)
+    channel, transport = fake.connect()
+    channel.dataReceived(post() + chunk(b"one;"))
+    assert parse_response(transport.value())[0] == 201
+    assert transport.producerState == "paused"
+    follower, reader = fake.connect()
+    follower.dataReceived(b"GET /stream/s1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert dechunk(parse_response(reader.value())[2]) == (b"", False)
+
+    store.log.commit()
+    assert transport.producerState == "producing"
+    assert dechunk(parse_response(reader.value())[2]) == (b"one;", False)
+
+    channel.dataReceived(chunk(b"two;") + b"0\r\n\r\n")
+    assert transport.producerState == "paused"
+    assert not transport.value().endswith(b"0\r\n\r\n")  # not complete before it is confirmed
+    store.log.commit()
+    assert transport.value().endswith(b"0\r\n\r\n")
+    assert dechunk(parse_response(reader.value())[2]) == (b"one;two;", True)
+    assert await read_all(store, "s1") == (b"one;two;", COMPLETE)

@@ -215,7 +215,7 @@ async def test_a_stream_reaching_the_limit_is_cut_at_exactly_the_limit(tmp_path)
     channel.connectionLost(GONE)
     data, state = (await read_all(fake.store, "s1"))
     assert data == b"x" * 60 + b"y" * 40 and state == "aborted"
-    stream_file = fake.store.data_path(fake.store.open("s1").record.storage).path
+    stream_file = fake.store.data_path((await fake.store.open("s1")).record.storage).path
     assert os.path.getsize(stream_file) == 100
     reader, reader_transport = fake.connect()
     reader.dataReceived(b"GET /stream/s1 HTTP/1.1\r\nHost: x\r\n\r\n")

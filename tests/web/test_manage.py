@@ -1,13 +1,18 @@
 """Resume, inspect, manage — through a real channel fed raw bytes (Clock, fakes)."""
 
 import json
+import os
 
 import pytest
 import pytest_twisted
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
+from twisted.internet.task import Clock
+
 from loom.config import Token
+from loom.store import DiskStore
+from loom.testing import ManualRunners
 from tests.helpers import chunk, cut_off, dechunk, json_body, make_fake_site, parse_response
 from loom.testing import read_all
 
@@ -184,6 +189,30 @@ def test_delete_a_live_stream(fake):
     assert parse_response(transport.value())[0] == 404
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_delete_whose_client_left_still_deletes_and_logs_no_traceback(tmp_path, failures):
+    """The client of a DELETE hangs up while the bytes are being removed: the handler is
+    cancelled where it waits (nobody to answer), the deletion itself runs to its end."""
+    runners = ManualRunners()
+    fake = make_fake_site(store=DiskStore(str(tmp_path), Clock(), runners))
+    produce(fake, b"s", b"data", end=True)
+    while runners.pending:
+        runners.run_next()  # the final sync
+    handle = await fake.store.open("s")
+    path = fake.store.data_path(handle.record.storage)
+    handle.close()
+    channel, transport = request(fake, b"DELETE", b"/stream/s")
+    assert runners.pending and transport.value() == b""  # removing the file waits
+    channel.connectionLost(GONE)
+    while runners.pending:
+        runners.run_next()
+    assert failures == []
+    assert transport.value() == b""
+    assert not path.exists()
+    _, transport = request(fake, b"GET", b"/stream/s")
+    assert parse_response(transport.value())[0] == 404
+
+
 # --- scopes ---------------------------------------------------------------------------------
 
 
@@ -233,7 +262,7 @@ def test_health_needs_no_token_and_reports_trouble(tmp_path):
     _, transport = request(fake, b"GET", b"/health")
     status, _, body = parse_response(transport.value())
     assert status == 200 and json_body(body) == {"status": "ok"}
-    fake.store._reader.close()
+    os.unlink(fake.store.catalog_path)  # deleted under the running server
     _, transport = request(fake, b"GET", b"/health")
     status, _, body = parse_response(transport.value())
     assert status == 503 and json_body(body)["status"] == "unavailable"

@@ -4,6 +4,7 @@ import pytest
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
+from loom.testing import FakeTCPTransport
 from tests.helpers import chunk, cut_off, dechunk, json_body, make_fake_site, parse_response
 
 GONE = Failure(ConnectionDone())
@@ -125,3 +126,44 @@ def test_get_on_the_collection_is_405(fake):
     _, transport = get(fake, b"/stream")
     status, headers, _ = parse_response(transport.value())
     assert status == 405 and headers["allow"] == "POST"
+
+
+class BreakingTransport(FakeTCPTransport):
+    """A reader's transport that raises on every write once ``broken``: a bug anywhere
+    between a follower (or a spy) and its socket."""
+
+    broken = False
+
+    def write(self, data):
+        if self.broken:
+            raise RuntimeError("the reader's transport broke")
+        super().write(data)
+
+    def writeSequence(self, data):
+        if self.broken:
+            raise RuntimeError("the reader's transport broke")
+        super().writeSequence(data)
+
+
+@pytest.mark.parametrize("target", [b"/stream/s1", b"/spy"])
+def test_a_reader_whose_writes_raise_is_dropped_alone(fake, failures, target):
+    """A follower or spy client that raises while being handed a chunk is logged and
+    dropped; the producer goes on, and the readers after it get every byte."""
+    producer, producer_transport = produce(fake, data=b"history\n", end=False)
+    _, broken = get(fake, target, transport=BreakingTransport())
+    _, follower = get(fake)
+    _, spy = get(fake, b"/spy")
+    broken.broken = True
+    producer.dataReceived(chunk(b"live\n"))
+    producer.dataReceived(chunk(b"more\n"))
+    assert cut_off(broken)
+    assert len(failures) == 1 and "dropped" in failures[0]["log_format"]
+    assert not cut_off(producer_transport) and not cut_off(follower)
+    producer.dataReceived(b"0\r\n\r\n")
+    assert parse_response(producer_transport.value())[0] == 201
+    assert producer_transport.value().endswith(b"0\r\n\r\n")  # a clean end: complete
+    assert dechunk(parse_response(follower.value())[2]) == (b"history\nlive\nmore\n", True)
+    spied = dechunk(parse_response(spy.value())[2])[0]
+    assert b"s1 | live\n" in spied and b"s1 | more\n" in spied
+    _, transport = get(fake)
+    assert parse_response(transport.value())[1]["x-stream-state"] == "complete"

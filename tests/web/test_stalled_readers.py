@@ -14,7 +14,7 @@ import pytest
 from twisted.internet import tcp
 from twisted.internet.testing import MemoryReactorClock
 
-from loom.web.ingest import _SLICE
+from loom.web.channel import SLICE as _SLICE
 from tests.helpers import FakeTCPTransport, chunk, dechunk, make_fake_site, parse_response
 from tests.web.test_read import get, produce
 
@@ -56,7 +56,9 @@ def queued(transport) -> int:
 
 def run_writes(transport, reactor) -> None:
     """What the reactor does for a transport waiting to write, while its socket is writable."""
-    while transport in reactor.getWriters() and select.select([], [transport.socket], [], 0)[1]:
+    poller = select.poll()  # not select(): a long run may hold descriptors above 1023
+    poller.register(transport.socket, select.POLLOUT)
+    while transport in reactor.getWriters() and poller.poll(0):
         transport.doWrite()
 
 
@@ -107,9 +109,12 @@ def test_a_stalled_reader_that_reads_again_gets_every_byte_in_order(fake):
             read_available(client, received)  # the reader takes a little now and then
             run_writes(transport, reactor)
     producer.dataReceived(b"0\r\n\r\n")
+    poller = select.poll()
+    poller.register(client, select.POLLIN)
+    poller.register(transport.socket, select.POLLOUT)
     while not received.endswith(b"\r\n0\r\n\r\n"):
-        ready = select.select([client], [transport.socket], [], GUARD_SECONDS)
-        assert ready != ([], [], []), "neither readable nor writable: the response is stuck"
+        ready = poller.poll(GUARD_SECONDS * 1000)
+        assert ready, "neither readable nor writable: the response is stuck"
         read_available(client, received)
         run_writes(transport, reactor)
         assert queued(transport) <= FRAMING
