@@ -89,19 +89,47 @@ class CrashAt(CrashPoints):
 
 
 class ManualRunners(InlineRunners):
-    """Catalog work inline, but file syncs wait until the test runs them."""
+    """Blocking work of the kinds in ``hold`` (``"catalog"``, ``"read"``, ``"io"``; file
+    work by default) waits in one queue, in order, until the test runs it; the rest runs
+    at once."""
 
-    def __init__(self):
+    def __init__(self, hold=("io",)):
+        unknown = set(hold) - {"catalog", "read", "io"}
+        if unknown:
+            raise ValueError(f"no such kind of work: {', '.join(sorted(unknown))}")
         self.pending = []
+        self._hold = frozenset(hold)
+
+    def catalog(self, f, *args):
+        return self._queue("catalog", f, args)
+
+    def read(self, f, *args):
+        return self._queue("read", f, args)
 
     def io(self, f, *args):
+        return self._queue("io", f, args)
+
+    def _queue(self, kind: str, f, args) -> Deferred:
+        if kind not in self._hold:
+            return InlineRunners.catalog(self, f, *args)
         d = Deferred()
         self.pending.append((d, f, args))
         return d
 
-    def run_next(self):
+    def run_next(self) -> None:
+        """Run the oldest piece of work waiting; its Deferred fires with what it did."""
         d, f, args = self.pending.pop(0)
-        d.callback(f(*args))
+        try:
+            value = f(*args)
+        except BaseException as e:
+            d.errback(e)
+        else:
+            d.callback(value)
+
+    def run_all(self) -> None:
+        """Run what waits, and what that work queues in turn, until nothing waits."""
+        while self.pending:
+            self.run_next()
 
 
 class NextTurnRunners(InlineRunners):
@@ -178,6 +206,7 @@ def make_fake_site(
     stalled_reader_timeout: float | None = 600.0,
     max_stream_bytes: int | None = None,
     max_connections_per_client: int | None = None,
+    direct_send: bool = True,
 ) -> FakeSite:
     clock = clock or Clock()
     if store is None:
@@ -198,7 +227,8 @@ def make_fake_site(
     site = LoomSite(Root(app), clock, idle_timeout=idle_timeout, header_timeout=header_timeout,
                     max_connections=max_connections, counters=app.site_counters,
                     max_connections_per_client=max_connections_per_client,
-                    max_head_bytes=max(64 * 1024, max_metadata_bytes + 8192))
+                    max_head_bytes=max(64 * 1024, max_metadata_bytes + 8192),
+                    direct_send=direct_send)
     return FakeSite(clock, store, site, app)
 
 

@@ -15,23 +15,28 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.web.client import FileBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from loom.client import LoomClient
 from loom.config import Config
 from loom.testing import (  # noqa: F401 (the fakes, for the tests)
     FakeSite,
     FakeTCPTransport,
     FaultyFileSystem,
     ManualRunners,
-    make_fake_site,
+    RecordingSink,
     read_all,
 )
+from loom import testing
 from loom.service import LoomService
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +53,12 @@ CHILDREN: list = []
 REQUIRE_ALL = os.environ.get("TESTS_REQUIRE_ALL") == "1"
 # TESTS_DIRECT_SEND=0 runs every server of the suite with directSend off (CI runs both).
 DIRECT_SEND = os.environ.get("TESTS_DIRECT_SEND", "1") != "0"
+
+
+def make_fake_site(**options) -> FakeSite:
+    """loom.testing.make_fake_site, with the direct send as this run says (TESTS_DIRECT_SEND)."""
+    options.setdefault("direct_send", DIRECT_SEND)
+    return testing.make_fake_site(**options)
 
 
 def unavailable(reason: str):
@@ -517,3 +528,163 @@ class ChunkPump:
 
     def stopProducing(self):
         self.paused = True
+
+
+@implementer(IBodyProducer, IPushProducer)
+class ControlledBody:
+    """A request body the test writes into, piece by piece, and ends when it likes."""
+
+    length = UNKNOWN_LENGTH
+
+    def __init__(self):
+        self.consumer = None
+        self.finished = Deferred()
+        self.started = Deferred()
+
+    def startProducing(self, consumer):
+        self.consumer = consumer
+        self.started.callback(None)
+        return self.finished
+
+    def write(self, data: bytes):
+        self.consumer.write(data)
+
+    def end(self):
+        self.finished.callback(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+async def open_push(client: LoomClient, stream_id: str, first: bytes):
+    """A push the server has accepted (201) and whose body has sent ``first`` and stays
+    open: (the body, the Deferred of the push)."""
+    source = ControlledBody()
+    created = Deferred()
+    pushing = Deferred.fromCoroutine(client.push(source, stream_id, on_created=created.callback))
+    await guard(created)
+    await guard(source.started)
+    source.write(first)
+    return source, pushing
+
+
+def body(data: bytes):
+    from io import BytesIO
+
+    return FileBodyProducer(BytesIO(data))
+
+
+class ErrorPage(Protocol):
+    """A proxy in front of a Loom that is down: nginx's 502 page for every request, sent
+    as soon as the request's head has arrived, as nginx does."""
+
+    PAGE = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+            b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx/1.25.3</center>"
+            b"\r\n</body>\r\n</html>\r\n")
+
+    def __init__(self):
+        self.received = b""
+
+    def dataReceived(self, data):
+        self.received += data
+        if b"\r\n\r\n" in self.received:
+            self.transport.write(
+                b"HTTP/1.1 502 Bad Gateway\r\nServer: nginx/1.25.3\r\n"
+                b"Content-Type: text/html\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                % len(self.PAGE) + self.PAGE)
+            self.transport.loseConnection()
+            self.received = b""
+
+
+CURL = ["/usr/bin/curl", "--silent", "--show-error"]
+
+
+class Follow:
+    """A treq follower that records every chunk with its arrival time."""
+
+    def __init__(self):
+        self.chunks: list[tuple[float, bytes]] = []
+        self._waiters: list[tuple[int, Deferred]] = []
+        self.done: Deferred | None = None
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(c for _, c in self.chunks)
+
+    def received(self, data: bytes) -> None:
+        self.chunks.append((time.monotonic(), data))
+        for item in list(self._waiters):
+            size, d = item
+            if len(self.data) >= size:
+                self._waiters.remove(item)
+                d.callback(time.monotonic())
+
+    def until(self, size: int) -> Deferred:
+        d = Deferred()
+        self._waiters.append((size, d))
+        self.received(b"")
+        return guard(d)
+
+    async def start(self, url: str, **kwargs):
+        response = await treq.get(url, unbuffered=True, **kwargs)
+        self.response = response
+        self.done = treq.collect(response, self.received)
+        return response
+
+
+class ShortSink(RecordingSink):
+    """A consumer whose connection takes at most ``take`` bytes of a write and pauses its
+    producer when it took fewer than offered, as a full socket does."""
+
+    def __init__(self, take):
+        super().__init__()
+        self.take = take
+        self.paused = False
+
+    def write(self, parts, size):
+        assert not self.paused, "written to while paused"
+        data = b"".join(parts)[: self.take]
+        super().write([data], len(data))
+        if len(data) < size:
+            self.paused = True
+            self.producer.pauseProducing()
+        return len(data)
+
+    def resume_until_done(self, clock, done, rounds=10000):
+        """Let the consumer take more, again and again, until ``done()``."""
+        for _ in range(rounds):
+            if done():
+                return
+            if self.paused:
+                self.paused = False
+                self.producer.resumeProducing()
+            run_pending(clock)
+        raise AssertionError("never done")
+
+
+def run_pending(clock):
+    """Run the calls scheduled for now (a producer yielding between turns)."""
+    while any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls()):
+        clock.advance(0)
+
+
+def fake_produce(fake, stream_id=b"s1", data=b"", end=True, metadata=None):
+    channel, transport = fake.connect()
+    extra = b"X-Stream-Metadata: " + metadata + b"\r\n" if metadata else b""
+    channel.dataReceived(
+        b"POST /stream/" + stream_id + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        + extra + b"\r\n" + (chunk(data) if data else b"") + (b"0\r\n\r\n" if end else b"")
+    )
+    return channel, transport
+
+
+def fake_get(fake, target=b"/stream/s1", transport=None):
+    channel, transport = fake.connect(transport)
+    channel.dataReceived(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    return channel, transport

@@ -8,40 +8,7 @@ from zope.interface.verify import verifyObject
 
 from loom.follow import READ_SIZE, TURN_BUDGET, Follower
 from loom.store import MemoryStore
-
-
-class Sink:
-    """Records what a follower does; pauses its producer past ``limit`` bytes if set."""
-
-    def __init__(self, limit=None):
-        self.data = bytearray()
-        self.writes = 0
-        self.ended = self.cut_off = False
-        self.producer = None
-        self.limit = limit
-
-    def write(self, parts, size):
-        assert not (self.ended or self.cut_off)
-        data = b"".join(parts)
-        assert len(data) == size
-        self.data += data
-        self.writes += 1
-        if self.limit is not None and len(self.data) >= self.limit:
-            self.producer.pauseProducing()
-        return size
-
-    def registerProducer(self, producer, streaming):
-        assert streaming
-        self.producer = producer
-
-    def unregisterProducer(self):
-        self.producer = None
-
-    def end(self):
-        self.ended = True
-
-    def cut(self):
-        self.cut_off = True
+from tests.helpers import RecordingSink, ShortSink, run_pending
 
 
 @pytest.fixture
@@ -49,12 +16,6 @@ def store():
     store = MemoryStore(Clock())
     store.start()
     return store
-
-
-def run_pending(clock):
-    """Run the calls scheduled for now (a producer yielding between turns)."""
-    while any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls()):
-        clock.advance(0)
 
 
 async def finished_stream(store, stream_id, data):
@@ -67,7 +28,7 @@ async def finished_stream(store, stream_id, data):
 async def test_follower_is_a_push_producer(store):
     """The follower provides IPushProducer."""
     (await finished_stream(store, "s", b"x"))
-    assert verifyObject(IPushProducer, Follower((await store.open("s")), Sink(), Clock()))
+    assert verifyObject(IPushProducer, Follower((await store.open("s")), RecordingSink(), Clock()))
 
 
 @pytest_twisted.ensureDeferred
@@ -75,7 +36,7 @@ async def test_finished_stream_is_sent_whole_then_ended_cleanly(store):
     """A finished stream is sent completely, then the response ends cleanly."""
     data = bytes(range(256)) * 2000
     (await finished_stream(store, "s", data))
-    sink = Sink()
+    sink = RecordingSink()
     Follower((await store.open("s")), sink, Clock(), end=len(data)).start()
     assert bytes(sink.data) == data and sink.ended and sink.producer is None
 
@@ -84,7 +45,7 @@ async def test_finished_stream_is_sent_whole_then_ended_cleanly(store):
 async def test_paused_follower_writes_nothing_until_resumed(store):
     """While its consumer is paused, a follower writes nothing, however much arrives."""
     stream = (await store.create("s", "{}"))
-    sink, clock = Sink(limit=1), Clock()
+    sink, clock = RecordingSink(limit=1), Clock()
     follower = Follower((await store.open("s")), sink, clock)
     follower.start()
     stream.append(b"a")  # fills the consumer: it pauses
@@ -105,7 +66,7 @@ async def test_live_stream_history_then_live_then_clean_end(store):
     """A follower gets the history, then each new chunk as it is appended, then the end."""
     stream = (await store.create("s", "{}"))
     stream.append(b"history ")
-    sink = Sink()
+    sink = RecordingSink()
     follower = Follower((await store.open("s")), sink, Clock())
     follower.start()
     assert bytes(sink.data) == b"history "
@@ -125,7 +86,7 @@ async def test_a_live_follower_from_an_offset_ends_cleanly_only_if_the_stream_re
     completes shorter (no clean end may suggest the follower got what it asked for)."""
     stream = (await store.create("s", "{}"))
     stream.append(b"abc")
-    sink = Sink()
+    sink = RecordingSink()
     Follower((await store.open("s")), sink, Clock(), offset=5).start()
     stream.append(later)
     (await stream.complete())
@@ -137,7 +98,7 @@ async def test_caught_up_follower_takes_chunks_from_memory(store, monkeypatch):
     """A caught-up follower is handed fresh chunks without reading the file."""
     stream = (await store.create("s", "{}"))
     handle = (await store.open("s"))
-    sink = Sink()
+    sink = RecordingSink()
     Follower(handle, sink, Clock()).start()
     reads = []
     monkeypatch.setattr(handle, "read", lambda *a: reads.append(a) or b"")
@@ -149,7 +110,7 @@ async def test_caught_up_follower_takes_chunks_from_memory(store, monkeypatch):
 async def test_aborted_stream_is_drained_then_cut(store):
     """When the producer vanishes, the follower still gets every byte, then a cut."""
     stream = (await store.create("s", "{}"))
-    sink = Sink(limit=1)
+    sink = RecordingSink(limit=1)
     follower = Follower((await store.open("s")), sink, Clock())
     follower.start()
     stream.append(b"x" * 1000)
@@ -165,7 +126,7 @@ async def test_aborted_stream_is_drained_then_cut(store):
 async def test_replaced_or_interrupted_stream_cuts_at_once(store, how):
     """When the data goes away (replace) or the server stops, followers are cut at once."""
     stream = (await store.create("s", "{}"))
-    sink = Sink(limit=1)
+    sink = RecordingSink(limit=1)
     Follower((await store.open("s")), sink, Clock()).start()
     stream.append(b"x" * 1000)
     if how == "replace":
@@ -180,7 +141,7 @@ async def test_notail_stops_at_the_size_when_opened(store):
     """With an end offset, a follower of a live stream stops there and ends cleanly."""
     stream = (await store.create("s", "{}"))
     stream.append(b"now")
-    sink = Sink()
+    sink = RecordingSink()
     Follower((await store.open("s")), sink, Clock(), end=3).start()
     stream.append(b"later")
     assert bytes(sink.data) == b"now" and sink.ended
@@ -190,7 +151,7 @@ async def test_notail_stops_at_the_size_when_opened(store):
 async def test_stop_releases_the_follower(store):
     """A consumer that leaves unsubscribes its follower; nothing more is written."""
     stream = (await store.create("s", "{}"))
-    sink = Sink()
+    sink = RecordingSink()
     follower = Follower((await store.open("s")), sink, Clock())
     follower.start()
     assert stream.listener_count == 1
@@ -205,7 +166,7 @@ async def test_a_consumer_that_never_pauses_does_not_starve_the_reactor(store):
     """Without back-pressure, a follower sends at most a turn's budget, then yields."""
     data = b"z" * (TURN_BUDGET * 3)
     (await finished_stream(store, "s", data))
-    sink, clock = Sink(), Clock()
+    sink, clock = RecordingSink(), Clock()
     Follower((await store.open("s")), sink, clock, end=len(data)).start()
     assert len(sink.data) == TURN_BUDGET
     assert sink.writes == TURN_BUDGET // READ_SIZE
@@ -219,39 +180,9 @@ async def test_file_shorter_than_recorded_is_cut_not_looped(store):
     """If the data file holds fewer bytes than recorded, the response is cut."""
     (await finished_stream(store, "s", b"abc"))
     handle = (await store.open("s"))
-    sink = Sink()
+    sink = RecordingSink()
     Follower(handle, sink, Clock(), end=10).start()
     assert bytes(sink.data) == b"abc" and sink.cut_off
-
-
-class ShortSink(Sink):
-    """A consumer whose connection takes at most ``take`` bytes of a write and pauses its
-    producer when it took fewer than offered, as a full socket does."""
-
-    def __init__(self, take):
-        super().__init__()
-        self.take = take
-        self.paused = False
-
-    def write(self, parts, size):
-        assert not self.paused, "written to while paused"
-        data = b"".join(parts)[: self.take]
-        super().write([data], len(data))
-        if len(data) < size:
-            self.paused = True
-            self.producer.pauseProducing()
-        return len(data)
-
-    def resume_until_done(self, clock, done, rounds=10000):
-        """Let the consumer take more, again and again, until ``done()``."""
-        for _ in range(rounds):
-            if done():
-                return
-            if self.paused:
-                self.paused = False
-                self.producer.resumeProducing()
-            run_pending(clock)
-        raise AssertionError("never done")
 
 
 @pytest_twisted.ensureDeferred
@@ -279,7 +210,7 @@ async def test_fresh_bytes_are_handed_over_in_pieces_a_socket_takes_whole(store)
     """A large fresh chunk goes to a caught-up follower's consumer in pieces of at most
     64 KiB: one large send would be cut short by a capped socket buffer."""
     stream = (await store.create("s", "{}"))
-    sink = Sink()
+    sink = RecordingSink()
     sizes = []
     write = sink.write
     sink.write = lambda parts, size: sizes.append(size) or write(parts, size)

@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 
 from loom.spy import MAX_PARTIAL, PALETTE, LineFramer, Spy, SpyFormat, clean_line
 from loom.store import MemoryStore
-from tests.test_follow import ShortSink, Sink, run_pending
+from tests.helpers import RecordingSink, ShortSink, run_pending
 
 ANSI = re.compile(rb"\x1b\[[0-9;]*m")
 
@@ -107,7 +107,7 @@ async def test_spy_shows_active_streams_from_their_end_and_new_ones_from_the_sta
     """Streams live at connect start at their current end; later ones from their first byte."""
     old = (await store.create("old", '{"job":1}'))
     old.append(b"history\n")
-    sink = Sink()
+    sink = RecordingSink()
     spy = Spy(store, sink, clock)
     spy.start()
     old.append(b"live\n")
@@ -128,7 +128,7 @@ async def test_lines_of_different_streams_never_splice(store, clock):
     """Partial lines written alternately by two streams come out as whole lines."""
     a = (await store.create("a", "{}"))
     b = (await store.create("b", "{}"))
-    sink = Sink()
+    sink = RecordingSink()
     Spy(store, sink, clock).start()
     a.append(b"aa")
     b.append(b"bb")
@@ -141,7 +141,7 @@ async def test_lines_of_different_streams_never_splice(store, clock):
 async def test_partial_line_is_shown_after_about_a_second(store, clock):
     """A prompt or progress bar without newline appears after ~1 s, not never."""
     stream = (await store.create("p", "{}"))
-    sink = Sink()
+    sink = RecordingSink()
     spy = Spy(store, sink, clock)
     spy.start()
     stream.append(b"Password: ")
@@ -159,7 +159,7 @@ async def test_partial_line_is_shown_after_about_a_second(store, clock):
 async def test_end_line_reports_state_and_size(store, clock):
     """END carries the final state and size, after the stream's last line."""
     stream = (await store.create("x", "{}"))
-    sink = Sink()
+    sink = RecordingSink()
     Spy(store, sink, clock).start()
     stream.append(b"no newline at end")
     (await stream.abort())
@@ -170,7 +170,7 @@ async def test_end_line_reports_state_and_size(store, clock):
 async def test_paused_spy_buffers_nothing_and_catches_up_later(store, clock):
     """While the client is paused nothing is written; afterwards every line is sent."""
     stream = (await store.create("s", "{}"))
-    sink = Sink(limit=1)
+    sink = RecordingSink(limit=1)
     spy = Spy(store, sink, clock)
     spy.start()
     written = len(sink.data)
@@ -187,7 +187,7 @@ async def test_paused_spy_buffers_nothing_and_catches_up_later(store, clock):
 async def test_a_spy_far_behind_skips_with_an_explicit_marker(store, clock):
     """Lag beyond the limit is replaced by a SKIP line saying how much was skipped."""
     stream = (await store.create("s", "{}"))
-    sink = Sink(limit=1)
+    sink = RecordingSink(limit=1)
     spy = Spy(store, sink, clock, max_lag=1000)
     spy.start()
     stream.append(b"x" * 999 + b"\n" + b"y" * 1500 + b"\n" + b"zz")
@@ -202,7 +202,7 @@ async def test_a_spy_far_behind_skips_with_an_explicit_marker(store, clock):
 async def test_skipping_drops_the_held_partial_line_and_counts_it(store, clock):
     """A partial line held when the skip happens is counted in the SKIP line, not lost."""
     stream = (await store.create("s", "{}"))
-    sink = Sink()
+    sink = RecordingSink()
     spy = Spy(store, sink, clock, max_lag=100)
     spy.start()
     stream.append(b"held")
@@ -220,7 +220,7 @@ async def test_stop_leaves_nothing_behind(store, clock):
     stream = (await store.create("s", "{}"))
     spies = []
     for _ in range(200):
-        spy = Spy(store, Sink(), clock)
+        spy = Spy(store, RecordingSink(), clock)
         spy.start()
         spies.append(spy)
     stream.append(b"partial")  # every spy now has a partial line and a timer
@@ -249,7 +249,7 @@ async def test_a_chunk_costs_the_spy_its_own_stream_only(store, clock):
     """With a thousand streams each holding a partial line, a chunk of one stream touches
     no other stream's state: a spy's cost per chunk does not grow with the streams."""
     streams = [(await store.create(f"s{i}", "{}")) for i in range(1000)]
-    sink = Sink()
+    sink = RecordingSink()
     spy = Spy(store, sink, clock)
     spy.start()
     for index, stream in enumerate(streams):
@@ -267,7 +267,7 @@ async def test_a_chunk_costs_the_spy_its_own_stream_only(store, clock):
 @pytest_twisted.ensureDeferred
 async def test_held_lines_are_shown_oldest_first_each_at_its_own_time(store, clock):
     """Partial lines begun at different moments are each shown about a second later."""
-    sink = Sink()
+    sink = RecordingSink()
     spy = Spy(store, sink, clock)
     spy.start()
     a, b, c = [(await store.create(name, "{}")) for name in "abc"]

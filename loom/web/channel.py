@@ -17,7 +17,7 @@ for hours and want their ``201`` at once, so:
   are in, each body chunk goes to its ``body_sink`` (loom.web.ingest.Ingest)
   as it arrives, and the channel's "request received" becomes "body ended".
 
-This module is longer than most (about 650 lines): the channel and its request
+This module is longer than most (about 740 lines): the channel and its request
 are two halves of one override of twisted.web's request handling, and keeping
 them together keeps every reliance on Twisted's internals in one place.
 Tested against Twisted 26.10 with raw bytes through a real channel

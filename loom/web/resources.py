@@ -2,6 +2,11 @@
 
 Every error is JSON ``{"error": "..."}``. Handlers are plain or ``async``
 methods; ``render_async`` is the one place a coroutine meets a request.
+
+This module is longer than most (about 560 lines): the whole route table, with
+each route's scope and error answers, reads best in one place; what a route
+needs beyond that lives elsewhere (loom.web.ingest, loom.web.listing,
+loom.follow, loom.spy).
 """
 
 from __future__ import annotations

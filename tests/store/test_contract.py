@@ -24,7 +24,7 @@ from loom.errors import (
 )
 from loom.follow import Follower
 from loom.model import ABORTED, COMPLETE, DELETED, INTERRUPTED, REPLACED, TAKEN_OVER
-from loom.store import ENDING_WAIT, TAKEOVER_QUIET, InlineRunners, IStreamStore, MemoryStore
+from loom.store import ENDING_WAIT, TAKEOVER_QUIET, IStreamStore, MemoryStore
 from loom.store.catalog_db import CatalogError
 from loom.testing import ManualRunners, RecordingSink, append, read_all
 
@@ -443,31 +443,9 @@ async def test_a_take_over_needs_the_token_that_writes_the_stream(stores):
     assert await store.resume("s1", 3, owner=b"token-a") is stream
 
 
-class QueuedRunners(InlineRunners):
+def queued_runners() -> ManualRunners:
     """Catalog and file work wait in one queue until the test runs them."""
-
-    def __init__(self):
-        self.pending = []
-
-    def catalog(self, f, *args):
-        d = Deferred()
-        self.pending.append((d, f, args))
-        return d
-
-    read = io = catalog
-
-    def run_next(self):
-        d, f, args = self.pending.pop(0)
-        try:
-            value = f(*args)
-        except BaseException as e:
-            d.errback(e)
-        else:
-            d.callback(value)
-
-    def run_all(self):
-        while self.pending:
-            self.run_next()
+    return ManualRunners(hold=("catalog", "read", "io"))
 
 
 def _run(runners, coroutine):
@@ -482,7 +460,7 @@ def _run(runners, coroutine):
 async def test_two_producers_racing_to_append_never_both_write(inline_stores):
     """Two appends at the same offset, the second while the first is being granted:
     exactly one gets the stream, the other a StreamBusy; nothing interleaves."""
-    runners = QueuedRunners()
+    runners = queued_runners()
     store = inline_stores.make(runners)
     stream = await _run(runners, store.create("s1", "{}"))
     await append(stream, b"base ")
@@ -506,7 +484,7 @@ async def test_two_producers_racing_to_append_never_both_write(inline_stores):
 async def test_an_append_waits_for_a_stream_that_is_still_ending(inline_stores):
     """An append arriving while the dropped producer's stream is being ended waits for the
     end, then resumes it; one that waits too long is told to try again."""
-    runners = QueuedRunners()
+    runners = queued_runners()
     store = inline_stores.make(runners)
     stream = await _run(runners, store.create("s1", "{}"))
     await append(stream, b"abc")

@@ -9,7 +9,6 @@ internals") before changing the list.
 import re
 from pathlib import Path
 
-import pytest
 import pytest_twisted
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred

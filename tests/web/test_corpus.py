@@ -13,7 +13,6 @@ import json
 import os
 
 import h11
-import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 

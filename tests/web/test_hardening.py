@@ -12,9 +12,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from loom.config import Token
-from loom.store import DiskStore, InlineRunners
+from loom.store import DiskStore
 from tests.helpers import chunk, cut_off, json_body, make_fake_site, parse_response
-from loom.testing import read_all
+from loom.testing import ManualRunners, read_all
 
 
 @pytest.fixture
@@ -267,28 +267,12 @@ def test_unknown_paths_under_known_routes_are_404(fake, target):
 # --- malformed first chunk ---------------------------------------------------------------------
 
 
-class CatalogLater(InlineRunners):
-    """Catalog work waits until the test runs it: a stream being created is in flight."""
-
-    def __init__(self):
-        self.pending = []
-
-    def catalog(self, f, *args):
-        d = Deferred()
-        self.pending.append((d, f, args))
-        return d
-
-    def run_all(self):
-        while self.pending:
-            d, f, args = self.pending.pop(0)
-            d.callback(f(*args))
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_malformed_first_chunk_while_the_stream_is_made_leaves_nothing(tmp_path):
     """A bad first chunk, found while the stream is still being created: 400, no stream
     left behind, and the same request retried afterwards succeeds."""
-    runners, clock = CatalogLater(), Clock()
+    # Catalog work waits until the test runs it: the stream being created is in flight.
+    runners, clock = ManualRunners(hold=("catalog",)), Clock()
     store = DiskStore(str(tmp_path), clock, runners)
     fake = make_fake_site(store=store, clock=clock)
     channel, transport = send(fake, b"POST /stream/m HTTP/1.1\r\nHost: x\r\n"
@@ -470,7 +454,7 @@ async def test_a_malformed_chunk_in_a_held_back_batch_still_aborts(fake):
 def test_a_stream_cut_after_its_producer_left_is_no_error(tmp_path, gone):
     """DELETE of a stream whose producer's connection is already gone (its socket closed,
     or its end still being recorded) cuts nothing that is not there: 204, never a 500."""
-    runners, clock = ManualSync(), Clock()
+    runners, clock = ManualRunners(hold=("catalog", "io")), Clock()
     fake = make_fake_site(store=DiskStore(str(tmp_path), clock, runners), clock=clock)
     channel, transport = send(fake, b"POST /stream/gone HTTP/1.1\r\nHost: x\r\n"
                                     b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b"data"))
@@ -485,9 +469,3 @@ def test_a_stream_cut_after_its_producer_left_is_no_error(tmp_path, gone):
     runners.run_all()
     assert deleting.called and deleting.result is None
 
-
-class ManualSync(CatalogLater):
-    """Catalog work and syncs both wait in the queue."""
-
-    def io(self, f, *args):
-        return self.catalog(f, *args)

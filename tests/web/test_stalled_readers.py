@@ -15,8 +15,15 @@ from twisted.internet import tcp
 from twisted.internet.testing import MemoryReactorClock
 
 from loom.web.channel import SLICE as _SLICE
-from tests.helpers import FakeTCPTransport, chunk, dechunk, make_fake_site, parse_response
-from tests.web.test_read import get, produce
+from tests.helpers import (
+    chunk,
+    dechunk,
+    fake_get,
+    fake_produce,
+    FakeTCPTransport,
+    make_fake_site,
+    parse_response,
+)
 
 # All the server may queue in user space for a stalled reader of a chunked response:
 # the rest of a chunk's head ("%x\r\n") or of the CRLF that ends a chunk.
@@ -72,10 +79,35 @@ def read_available(client, into: bytearray) -> None:
         into += data
 
 
+@pytest.mark.parametrize("direct_send", [True, False])
+def test_the_direct_send_can_be_switched_off(tmp_path, direct_send):
+    """With the direct send on, a follower's bytes go to the socket as they are handed over;
+    off (directSend: false), they wait in Twisted's transport for the reactor's next write."""
+    fake = make_fake_site(data_dir=str(tmp_path), direct_send=direct_send)
+    producer, _ = fake_produce(fake, end=False)
+    client, channel, transport, reactor = tcp_reader(fake)
+    channel.dataReceived(b"GET /stream/s1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    run_writes(transport, reactor)  # the response's head
+    received = bytearray()
+    read_available(client, received)
+    producer.dataReceived(chunk(b"a line\n"))
+    if direct_send:
+        assert queued(transport) == 0 and transport not in reactor.getWriters()
+    else:
+        assert queued(transport) > 0 and transport in reactor.getWriters()
+        run_writes(transport, reactor)
+    poller = select.poll()
+    poller.register(client, select.POLLIN)
+    assert poller.poll(GUARD_SECONDS * 1000)
+    read_available(client, received)
+    assert received.endswith(b"\r\na line\n\r\n")
+    client.close()
+
+
 def test_a_reader_whose_socket_is_full_is_handed_no_stream_bytes(fake):
     """While a reader's socket takes nothing, its follower waits, paused, at its offset: the
     transport holds no stream bytes, however much the stream grows."""
-    producer, _ = produce(fake, end=False)
+    producer, _ = fake_produce(fake, end=False)
     client, channel, transport, reactor = tcp_reader(fake)
     channel.dataReceived(b"GET /stream/s1 HTTP/1.1\r\nHost: x\r\n\r\n")
     follower = channel._requestProducer
@@ -94,7 +126,7 @@ def test_a_reader_whose_socket_is_full_is_handed_no_stream_bytes(fake):
 def test_a_stalled_reader_that_reads_again_gets_every_byte_in_order(fake):
     """A reader stalled again and again, with chunks cut anywhere by a full socket, gets
     exactly the stream and a clean end; nothing but framing is ever queued for it."""
-    producer, _ = produce(fake, end=False)
+    producer, _ = fake_produce(fake, end=False)
     client, channel, transport, reactor = tcp_reader(fake)
     channel.dataReceived(b"GET /stream/s1 HTTP/1.1\r\nHost: x\r\n\r\n")
     rng = random.Random(2)
@@ -155,8 +187,8 @@ def _cuts(size: int) -> list[int]:
 def test_a_chunk_cut_anywhere_is_completed_before_anything_else(fake, size, cut, rest_in):
     """Wherever the connection cuts a response chunk (in its head, payload or CRLF), the
     rest is sent first when offered again, at once or in pieces: the wire decodes exactly."""
-    produce(fake, end=False)
-    channel, _ = get(fake)
+    fake_produce(fake, end=False)
+    channel, _ = fake_get(fake)
     request = channel.requests[0]
     recorder = _WireRecorder(cut)
     channel.send_some, channel.write_framing = recorder.send_some, recorder.write_framing
@@ -199,9 +231,9 @@ def test_a_transport_that_is_not_plain_tcp_holds_one_slice_past_its_pause_thresh
     """Over TLS and the like, a stalled reader's transport holds at most its 64 KiB threshold
     and one slice more; once the reader reads again it gets the whole stream."""
     data = random.Random(3).randbytes(1024 * 1024)
-    producer, _ = produce(fake, data=data, end=False)
+    producer, _ = fake_produce(fake, data=data, end=False)
     transport = PausingTransport()
-    get(fake, transport=transport)
+    fake_get(fake, transport=transport)
     head = transport.value().index(b"\r\n\r\n") + 4
     assert transport.paused and len(transport.value()) - head <= 65536 + _SLICE + FRAMING
     received = bytearray(transport.drain())

@@ -13,8 +13,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from loom.store.datadir import DataDirectoryError
 from loom.errors import StorageFailed, StreamNotFound, Unavailable
 from loom.store import DiskStore, InlineRunners, new_storage_name
-from tests.helpers import TWISTD, chunk, spawn, start_producer, start_server_process
-from tests.test_e2e import Follow
+from tests.helpers import chunk, Follow, spawn, start_producer, start_server_process, TWISTD
 from loom.testing import crash, read_all
 
 
