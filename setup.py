@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["loom", "loom.store", "loom.web", "twisted.plugins"],
+    packages=["loom", "loom.cli", "loom.store", "loom.web", "twisted.plugins"],
     install_requires=[
         # loom/web/ingest.py relies on HTTPChannel internals tested on 26.10.
         "Twisted>=26.10,<27",
