@@ -38,12 +38,14 @@ class DataFile:
     refused while ``room`` (a SpaceReserve) does not accept data.
     """
 
-    def __init__(self, fd: int, fs: FileSystem, directory: str | None = None, room=None):
+    def __init__(self, fd: int, fs: FileSystem, directory: str | None = None, room=None,
+                 on_closed=None):
         self._fd = fd
         self._fs = fs
         self._refs = 1
         self._unsynced_directory = directory
         self._room = room
+        self._on_closed = on_closed  # told when the last reference let go
 
     def acquire(self) -> DataFile:
         self._refs += 1
@@ -54,6 +56,8 @@ class DataFile:
         if self._refs == 0:
             self._fs.close(self._fd)
             self._fd = -1
+            if self._on_closed is not None:
+                self._on_closed()
 
     def write(self, parts: list) -> None:
         """Hand every byte of ``parts`` to the OS, or raise PartialWrite saying how much got there."""
@@ -134,6 +138,7 @@ class FileLog:
         self._can_store = can_store
         self._room_returned = room_returned  # told after files are removed: room may be back
         self._syncfs_works = True
+        self._reading: dict[str, DataFile] = {}  # open for reading, shared by its readers
 
     def path(self, storage: str) -> str:
         return stream_file(self.data_dir, storage)
@@ -181,12 +186,21 @@ class FileLog:
     # reading
 
     def open(self, storage: str):
-        """The file to read (MISSING if there is none). Raises OSError if it cannot be."""
+        """The file to read (MISSING if there is none). Raises OSError if it cannot be.
+
+        Readers of the same stream share one descriptor (a storage name never
+        names another file): a thousand readers of a popular stream hold one
+        file open, not a thousand."""
+        shared = self._reading.get(storage)
+        if shared is not None:
+            return shared.acquire()
         try:
             fd = self._fs.open(self.path(storage), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return MISSING  # nothing on disk: its size (0) reports the loss
-        return DataFile(fd, self._fs)
+        file = DataFile(fd, self._fs, on_closed=lambda: self._reading.pop(storage, None))
+        self._reading[storage] = file
+        return file
 
     # syncing and removing
 

@@ -16,6 +16,7 @@ from loom.model import ABORTED, COMPLETE
 from loom.store import DataFile, DiskStore, FileLog, InlineRunners, ThreadRunners
 from loom.store import stream_id_of_storage
 from loom.store.catalog_db import Catalog
+from loom.store.faults import FileSystem
 from loom.testing import FaultyFileSystem, append, crash, make_fake_site, read_all
 from tests.helpers import chunk, cut_off, parse_response
 
@@ -45,6 +46,42 @@ async def test_replacing_a_stream_removes_its_old_file(disk_stores):
     files = [f for _, _, names in os.walk(disk_stores.tmp_path / "data" / "streams")
              for f in names]
     assert len(files) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_readers_of_a_stream_share_one_descriptor(tmp_path):
+    """However many readers a finished stream has, it is open once; the file is closed when
+    the last reader lets go, and opened again for the next."""
+    class Counting(FileSystem):
+        opened = closed = 0
+
+        def open(self, path, flags, mode=0o644):
+            Counting.opened += 1
+            return super().open(path, flags, mode)
+
+        def close(self, fd):
+            Counting.closed += 1
+            super().close(fd)
+
+    store = DiskStore(str(tmp_path / "data"), Clock(), InlineRunners(), fs=Counting())
+    store.start()
+    stream = await store.create("s1", "{}")
+    await append(stream, b"shared bytes")
+    await stream.complete()
+    opened, closed = Counting.opened, Counting.closed
+    handles = [await store.open("s1") for _ in range(100)]
+    assert Counting.opened == opened + 1
+    assert [h.read(0, 6) for h in handles[:2]] == [b"shared", b"shared"]
+    for handle in handles[:-1]:
+        handle.close()
+    assert Counting.closed == closed  # one reader still reads
+    assert handles[-1].read(7, 5) == b"bytes"
+    handles[-1].close()
+    assert Counting.closed == closed + 1
+    again = await store.open("s1")
+    assert Counting.opened == opened + 2 and again.read(0, 12) == b"shared bytes"
+    again.close()
+    await store.stop()
 
 
 @pytest_twisted.ensureDeferred
