@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["loom", "loom.store", "loom.web", "twisted.plugins"],
+    packages=["loom", "loom.cli", "loom.store", "loom.web", "twisted.plugins"],
     install_requires=[
         # loom/web/ingest.py relies on HTTPChannel internals tested on 26.10.
         "Twisted>=26.10,<27",
@@ -31,6 +31,8 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "hypothesis>=6.100",  # the stateful model test of the store
+            # a test that hangs fails with its traceback instead of stalling the whole run
+            "pytest-timeout>=2.1",
             # a strict HTTP/1.1 parser: the hostile-input corpus's reference for what is valid
             "h11>=0.14",
             # the Python clients docs/http-api.md shows, tested as it says to use them

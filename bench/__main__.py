@@ -8,7 +8,7 @@ ratios to those. Every figure is the median of repeated runs. Server CPU
 seconds and peak RSS come from /proc.
 
     python -m bench                   # everything (about 5 minutes on 2 cores)
-    python -m bench --only W1,W5      # some workloads
+    python -m bench --only W1,W6      # some workloads
     python -m bench --quick           # shorter runs, for a smoke test
 """
 
@@ -67,6 +67,9 @@ class Server:
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
         env = dict(os.environ, PYTHONPATH=str(REPO))
         env = {k: v for k, v in env.items() if not k.startswith("LOOM_")}
+        # Every load comes from one address here: W2's thousand followers and their
+        # producer would exceed the default share of one client.
+        env["LOOM_MAX_CONNECTIONS_PER_CLIENT"] = "0"
         self.log = open(self.log_path, "wb")
         self.started = time.monotonic()
         self.process = subprocess.Popen(
@@ -296,7 +299,7 @@ class Bench:
         return figures
 
     def w5(self) -> dict:
-        from loom.populate import populate
+        from bench.populate import populate
 
         count = self.args.streams
         data = self.fresh_dir("w5")
@@ -349,10 +352,64 @@ class Bench:
         shutil.rmtree(data, ignore_errors=True)
         return figures
 
+    def w6(self) -> dict:
+        """A follower's delivery while listings with metadata filters run in a loop over a
+        large catalog (from another process): pages of 100, then of 1,000."""
+        from bench.listing_load import follow_latency, percentile
+        from bench.populate import branch_metadata, populate
+
+        count = self.args.listing_streams
+        data = self.fresh_dir("w6")
+        self.say(f"W6: writing a catalog of {count} streams (once)...")
+        populate(str(data), count, size=0, files=False, metadata=branch_metadata(50))
+        queries = ["/streams?meta.branch=main", "/streams?meta.branch=feature-7",
+                   "/streams?meta.job=job-1234&meta.branch=main",
+                   "/streams?state=complete&meta.branch=main"]
+        seconds = 2.0 if self.args.quick else 5.0
+        figures: dict = {"streams": count}
+        server = Server(data)
+        try:
+            quiet = follow_latency(server.port, "quiet", seconds)
+            figures["idle"] = {"p50_ms": percentile(quiet, .5) * 1000,
+                               "p99_ms": percentile(quiet, .99) * 1000}
+            for page in (100, 1000):
+                paged = [f"{q}&limit={page}" for q in queries]
+                hammer = subprocess.Popen(
+                    [sys.executable, "-u", "-m", "bench.listing_load", "hammer",
+                     str(server.port), *paged],
+                    stdout=subprocess.PIPE, cwd=str(REPO), env=dict(os.environ,
+                                                                    PYTHONPATH=str(REPO)))
+                try:
+                    hammer.stdout.readline()  # ten listings answered: the load is on
+                    started = time.monotonic()
+                    latencies = follow_latency(server.port, f"loaded-{page}", seconds)
+                    elapsed = time.monotonic() - started
+                finally:
+                    hammer.kill()
+                    told = hammer.stdout.read().decode().count(" listings")
+                    hammer.wait()
+                figures[f"page={page}"] = {
+                    "p50_ms": percentile(latencies, .5) * 1000,
+                    "p99_ms": percentile(latencies, .99) * 1000,
+                    "max_ms": max(latencies) * 1000,
+                    "listings_per_s": told * 10 / elapsed,
+                }
+            figures["server_cpu_s"] = server.cpu_seconds()
+        finally:
+            server.stop()
+        worst = max(figures[f"page={page}"]["p99_ms"] for page in (100, 1000))
+        figures["targets"] = {"follower p99 < 5 ms under listing load": worst < 5}
+        self.say(f"W6: follower p99 {figures['idle']['p99_ms']:.2f} ms idle, "
+                 f"{figures['page=100']['p99_ms']:.2f} ms (pages of 100), "
+                 f"{figures['page=1000']['p99_ms']:.2f} ms (pages of 1000)")
+        shutil.rmtree(data, ignore_errors=True)
+        return figures
+
     def run(self) -> dict:
         started = time.monotonic()
         self.results["limits"] = self.limits()
-        workloads = {"W1": self.w1, "W2": self.w2, "W3": self.w3, "W4": self.w4, "W5": self.w5}
+        workloads = {"W1": self.w1, "W2": self.w2, "W3": self.w3, "W4": self.w4, "W5": self.w5,
+                     "W6": self.w6}
         for name in self.args.only:
             self.results[name] = workloads[name]()
         self.results["seconds"] = time.monotonic() - started
@@ -444,6 +501,14 @@ def table(results: dict) -> str:
             ("W5 catalog size", f"{w['catalog_bytes'] / MiB:.1f} MiB",
              f"{w['catalog_bytes_per_stream']:.0f} bytes per stream"),
         ]
+    if "W6" in results:
+        w = results["W6"]
+        for page in (100, 1000):
+            f = w[f"page={page}"]
+            rows.append((f"W6 follower p99, listings of {page} running", f"{f['p99_ms']:.2f} ms",
+                         f"target 5 ms {mark(f['p99_ms'] < 5)}; {w['streams']} streams, "
+                         f"{f['listings_per_s']:.0f} listings/s; idle p99 "
+                         f"{w['idle']['p99_ms']:.2f} ms"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{width}}  {b:>12}  {c}" for a, b, c in rows)
 
@@ -451,7 +516,7 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="W1,W2,W3,W4,W5",
+    parser.add_argument("--only", default="W1,W2,W3,W4,W5,W6",
                         help="workloads to run, comma-separated (default: all)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per short figure (median)")
     parser.add_argument("--repeat-long", type=int, default=1,
@@ -466,6 +531,7 @@ def main(argv=None) -> int:
     args.seconds = 5 if args.quick else 20
     args.fanout = [1, 100, 1000]
     args.streams = 10_000 if args.quick else 100_000
+    args.listing_streams = 30_000 if args.quick else 300_000
     args.get_requests = 500 if args.quick else 2000
     sys.path.insert(0, str(REPO))
     results = Bench(args).run()

@@ -41,6 +41,7 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     max_stream_bytes: int | None = None
     reader_send_buffer: int | None = 256 * 1024
+    direct_send: bool = True
     retention: float | None = None
     resume_window: float | None = 30.0
     storage_compress: bool = False
@@ -309,6 +310,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("readerSendBuffer", "LOOM_READER_SEND_BUFFER", _stream_limit,
             "Kernel send buffer of each reader's socket (default 256KiB): a reader that "
             "stops reading holds at most this much. 0 = let the kernel decide."),
+    Setting("directSend", "LOOM_DIRECT_SEND", _boolean,
+            "Send readers' bytes straight to their sockets when nothing is queued for them "
+            "(default true); false sends every byte through Twisted's transport, a slower "
+            "path kept for diagnosis."),
     Setting("storageReserve", "LOOM_STORAGE_RESERVE", _reserve,
             "Disk space kept in reserve so that ends of streams, deletions and start-up "
             "can be recorded on a full disk; new data waits until twice this is free "
@@ -326,9 +331,8 @@ _BY_KEY = {setting.key: setting for setting in SETTINGS}
 # unchanged, and named in one warning.
 ORIGINAL_ONLY = frozenset({"dbHost", "dbPort", "dbName", "storageMetaTable", "storageLogsTable"})
 
-# Variables that are not settings: the clients' own, and the crash tests'.
-# LOOM_CRASH_AT arms a crash point for the crash tests (see loom.store.faults).
-CLIENT_VARIABLES = frozenset({"LOOM_TOKEN", "LOOM_CONFIG", "LOOM_SERVER", "LOOM_CRASH_AT"})
+# Variables that are not settings: the clients' own.
+CLIENT_VARIABLES = frozenset({"LOOM_TOKEN", "LOOM_CONFIG", "LOOM_SERVER"})
 
 
 _QUOTED = re.compile(r"'([^']*)'")
@@ -460,6 +464,7 @@ def load_config(
             trusted_proxies=values.get("trustedProxies", ()),
             max_stream_bytes=values.get("maxStreamBytes", Config.max_stream_bytes),
             reader_send_buffer=values.get("readerSendBuffer", Config.reader_send_buffer),
+            direct_send=values.get("directSend", Config.direct_send),
             retention=values.get("retention"),
             resume_window=values.get("resumeWindow", Config.resume_window),
             storage_compress=values.get("storageCompress", False),

@@ -169,10 +169,11 @@ class Follower(StallingPushProducer):
 
     # StreamListener
 
-    def stream_grew(self, stream: LiveStream, start: int, parts: list, size: int) -> None:
+    def stream_grew(self, stream: LiveStream, start: int, parts: list | None,
+                    size: int) -> None:
         if self._done or self._paused:
             return
-        if self._offset == start and self._scheduled is None:
+        if parts is not None and self._offset == start and self._scheduled is None:
             # Caught up: hand the fresh bytes over without touching the file. What
             # the consumer does not take now is read from the file when it resumes.
             if size <= PIECE:
@@ -186,6 +187,12 @@ class Follower(StallingPushProducer):
                     return
         else:
             self._pump()
+
+    def listener_failed(self) -> None:
+        """Handing this follower bytes raised (logged by the stream): drop its reader."""
+        if not self._done:
+            self.stop()
+            self._sink.abort()
 
     def stream_ended(self, stream: LiveStream) -> None:
         if self._done:

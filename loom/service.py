@@ -11,7 +11,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from loom.store.sqlite import CatalogError
+from loom.store.catalog_db import CatalogError
 from loom.config import Config
 from loom.store.datadir import DataDirectoryError
 from loom.errors import ConfigError
@@ -107,6 +107,7 @@ class LoomService(MultiService):
             max_connections=max_connections,
             max_connections_per_client=config.max_connections_per_client,
             trusted_proxies=TrustedProxies(config.trusted_proxies),
+            direct_send=config.direct_send,
             # Room for the largest metadata plus ordinary headers, so that
             # oversized metadata gets its 413 instead of a dropped connection.
             max_head_bytes=max(64 * 1024, config.max_metadata_bytes + 8192),

@@ -261,6 +261,10 @@ class Spy(StallingPushProducer):
         self._ready[stream] = None
         self._pump()
 
+    def listener_failed(self) -> None:
+        """Showing a stream to this client raised (logged by the stream): drop the client."""
+        self._stalled()
+
     def stream_ended(self, stream: LiveStream) -> None:
         cursor = self._cursors.get(stream)
         if cursor is not None:
@@ -273,10 +277,7 @@ class Spy(StallingPushProducer):
     def _add(self, stream: LiveStream, from_end: bool) -> None:
         if stream in self._cursors or stream.outcome is not None:
             return
-        handle = self._store.open(stream.id)
-        if handle.live is not stream:
-            handle.close()
-            return
+        handle = stream.reader()
         cursor = _Cursor(handle, stream.size if from_end else 0, self._clock)
         self._cursors[stream] = cursor
         self._format.assign(stream.id)

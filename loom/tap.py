@@ -12,7 +12,7 @@ from twisted.python import usage
 from loom import __version__
 from loom.config import SETTINGS, load_config
 from loom.errors import ConfigError
-from loom.store.faults import crash_points_from
+from loom.store.faults import CrashPoints
 from loom.service import LoomService, StartupError
 
 
@@ -106,7 +106,9 @@ def _raise_open_file_limit() -> None:
             pass
 
 
-def makeService(options: Options) -> LoomService:
+def makeService(options: Options, crash: CrashPoints | None = None) -> LoomService:
+    """twistd's entry point. ``crash``: crash points, armed only by the crash tests
+    (tests/helpers.py ``crashing_twistd``)."""
     files = options["config"]
     if not files and os.environ.get("LOOM_CONFIG"):
         files = [path for path in os.environ["LOOM_CONFIG"].split(os.pathsep) if path]
@@ -126,7 +128,7 @@ def makeService(options: Options) -> LoomService:
         loaded.config,
         reactor,
         warnings=loaded.warnings,
-        crash=crash_points_from(os.environ.get("LOOM_CRASH_AT")),
+        crash=crash,
         reload_config=load,
         rebuild_catalog=bool(options["rebuild-catalog"]),
     )

@@ -5,6 +5,7 @@ import pytest
 import pytest_twisted
 from twisted.logger import formatEvent, globalLogPublisher
 
+from loom.testing import FakeSite
 from tests.helpers import CHILD_OUTPUT, SECRET_MARK, kill_children, start_server
 
 _LOG_PATH = os.path.join(tempfile.gettempdir(), f"loom-tests-{os.getpid()}.log")
@@ -44,6 +45,28 @@ def pytest_sessionfinish(session, exitstatus):
         os.unlink(_LOG_PATH)
         if reporter:
             reporter.write_line("log check: no token appears in any log line of this run")
+
+
+@pytest.fixture(autouse=True)
+def close_fake_sites():
+    """Each test's fake sites let go of their files after it, so that a long run never
+    runs out of file descriptors."""
+    yield
+    FakeSite.close_all()
+
+
+@pytest.fixture
+def failures():
+    """Log events with a failure (a traceback) while the test runs."""
+    seen = []
+
+    def observe(event):
+        if event.get("log_failure") is not None or event.get("isError"):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)
 
 
 @pytest_twisted.async_yield_fixture

@@ -15,24 +15,29 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import treq
 from twisted.internet import reactor
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ProcessProtocol, Protocol
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.web.client import FileBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from loom.client import LoomClient
 from loom.config import Config
-from loom.store.faults import FileSystem
+from loom.testing import (  # noqa: F401 (the fakes, for the tests)
+    FakeSite,
+    FakeTCPTransport,
+    FaultyFileSystem,
+    ManualRunners,
+    RecordingSink,
+    read_all,
+)
+from loom import testing
 from loom.service import LoomService
-from loom.store import DiskStore, InlineRunners, MemoryStore
-from loom.web.auth import BearerAuth
-from loom.web.resources import LoomApp, Root
-from loom.web.site import LoomSite
 
 REPO = Path(__file__).resolve().parent.parent
 GUARD_SECONDS = 30.0
@@ -46,6 +51,14 @@ CHILDREN: list = []
 
 # CI installs every tool the suite can use and sets this: a missing one fails there.
 REQUIRE_ALL = os.environ.get("TESTS_REQUIRE_ALL") == "1"
+# TESTS_DIRECT_SEND=0 runs every server of the suite with directSend off (CI runs both).
+DIRECT_SEND = os.environ.get("TESTS_DIRECT_SEND", "1") != "0"
+
+
+def make_fake_site(**options) -> FakeSite:
+    """loom.testing.make_fake_site, with the direct send as this run says (TESTS_DIRECT_SEND)."""
+    options.setdefault("direct_send", DIRECT_SEND)
+    return testing.make_fake_site(**options)
 
 
 def unavailable(reason: str):
@@ -76,85 +89,8 @@ def guard(d: Deferred, seconds: float = GUARD_SECONDS) -> Deferred:
 # --- a site on fakes, fed raw bytes -------------------------------------------
 
 
-class ManualRunners(InlineRunners):
-    """Catalog work inline, but file syncs wait until the test runs them."""
-
-    def __init__(self):
-        self.pending = []
-
-    def io(self, f, *args):
-        d = Deferred()
-        self.pending.append((d, f, args))
-        return d
-
-    def run_next(self):
-        d, f, args = self.pending.pop(0)
-        d.callback(f(*args))
 
 
-class FakeTCPTransport(StringTransport):
-    """StringTransport that can half-close, as a TCP transport can."""
-
-    write_closed = False
-
-    def loseWriteConnection(self):
-        self.write_closed = True
-
-
-@dataclass
-class FakeSite:
-    """A real LoomSite on a Clock and a store with inline blocking work."""
-
-    clock: Clock
-    store: object
-    site: LoomSite
-    app: LoomApp
-
-    def connect(self, transport=None, host: str | None = None):
-        """A channel on a fake transport; ``host``: the client's address, if it has one."""
-        address = IPv4Address("TCP", host, 40000) if host else None
-        channel = self.site.buildProtocol(address)
-        transport = transport or FakeTCPTransport()
-        channel.makeConnection(transport)
-        return channel, transport
-
-
-def make_fake_site(
-    store=None,
-    tokens: tuple[str, ...] = (),
-    clock: Clock | None = None,
-    data_dir: str | None = None,
-    fsync: str = "interval",
-    max_metadata_bytes: int = 8192,
-    producer_idle_timeout: float | None = 3600.0,
-    idle_timeout: float = 60.0,
-    header_timeout: float = 30.0,
-    max_connections: int = 10000,
-    stalled_reader_timeout: float | None = 600.0,
-    max_stream_bytes: int | None = None,
-    max_connections_per_client: int | None = None,
-) -> FakeSite:
-    clock = clock or Clock()
-    if store is None:
-        if data_dir is not None:
-            store = DiskStore(data_dir, clock, InlineRunners(), fsync=fsync,
-                              max_stream_bytes=max_stream_bytes)
-        else:
-            store = MemoryStore(clock, fsync=fsync, max_stream_bytes=max_stream_bytes)
-    store.start()
-    app = LoomApp(
-        store,
-        clock,
-        BearerAuth(tokens),
-        max_metadata_bytes=max_metadata_bytes,
-        producer_idle_timeout=producer_idle_timeout,
-        stalled_reader_timeout=stalled_reader_timeout,
-    )
-    site = LoomSite(Root(app), clock, idle_timeout=idle_timeout, header_timeout=header_timeout,
-                    max_connections=max_connections, counters=app.site_counters,
-                    max_connections_per_client=max_connections_per_client,
-                    max_head_bytes=max(64 * 1024, max_metadata_bytes + 8192))
-    return FakeSite(clock, store, site, app)
 
 
 def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -270,6 +206,7 @@ async def start_server(data_dir: str, **settings) -> RunningServer:
     """A server in this process. Followers of an aborted stream are cut at once
     (resume_window 0) unless the test asks for a resume window."""
     settings.setdefault("resume_window", None)
+    settings.setdefault("direct_send", DIRECT_SEND)
     config = Config(
         listen=("tcp:0:interface=127.0.0.1",), data_dir=str(data_dir), **settings
     )
@@ -328,6 +265,8 @@ def child_environment(**extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
+    if not DIRECT_SEND:
+        env["LOOM_DIRECT_SEND"] = "false"
     env.update(extra)
     return env
 
@@ -430,9 +369,20 @@ def _proc_status(pid: int, field_name: str) -> int:
     raise KeyError(field_name)
 
 
+def crashing_twistd(point: str, count: int = 1) -> list[str]:
+    """``twistd`` whose Loom kills itself the ``count``-th time it reaches crash point
+    ``point`` (loom.testing.CrashAt): the switch exists only here, never in the server."""
+    return [sys.executable, "-c",
+            "import functools, sys; from loom import tap; from loom.testing import CrashAt; "
+            f"tap.makeService = functools.partial(tap.makeService, crash=CrashAt({point!r}, "
+            f"{count})); from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+
+
 async def start_server_process(data_dir: str, *args: str, cwd: str | None = None,
-                               env: dict | None = None) -> ServerProcess:
-    argv = TWISTD + ["--nodaemon", "--pidfile=", "loom", "--data-dir", str(data_dir),
+                               env: dict | None = None,
+                               twistd: list[str] = TWISTD) -> ServerProcess:
+    """``twistd loom`` on ``data_dir`` and a loopback ephemeral port, once it is ready."""
+    argv = twistd + ["--nodaemon", "--pidfile=", "loom", "--data-dir", str(data_dir),
                      "--listen", "tcp:0:interface=127.0.0.1", *args]
     env = env or child_environment()
     env.setdefault("LOOM_RESUME_WINDOW", "0")  # cut followers of aborted streams at once
@@ -532,67 +482,6 @@ async def start_producer(port: int, stream_id: bytes, first: bytes = b"",
     return producer
 
 
-class FaultyFileSystem(FileSystem):
-    """The real file system, except that chosen calls fail.
-
-    ``fail(op, at, error)`` makes the ``at``-th call of ``op`` (write, fsync,
-    open) and every later one raise ``error`` until ``heal()``. As on a
-    filling disk, the first failing write is short (half its data lands, and
-    the count says so) and the next call raises.
-    """
-
-    def __init__(self):
-        self.calls: dict[str, int] = {}
-        self.plan: dict[str, tuple[int, int]] = {}
-        self.failures = 0
-        self._short_write_done = False
-
-    def fail(self, op: str, at: int, error: int) -> None:
-        self.plan[op] = (self.calls.get(op, 0) + at, error)
-
-    def heal(self) -> None:
-        self.plan.clear()
-        self._short_write_done = False
-
-    def _due(self, op: str) -> int | None:
-        self.calls[op] = self.calls.get(op, 0) + 1
-        planned = self.plan.get(op)
-        if planned and self.calls[op] >= planned[0]:
-            self.failures += 1
-            return planned[1]
-        return None
-
-    def open(self, path, flags, mode=0o644):
-        error = self._due("open") if flags & os.O_CREAT else None
-        if error:
-            raise OSError(error, os.strerror(error))
-        return super().open(path, flags, mode)
-
-    def write(self, fd, data):
-        error = self._due("write")
-        if error:
-            if not self._short_write_done and len(data) > 1:
-                self._short_write_done = True
-                return super().write(fd, bytes(data[: len(data) // 2]))
-            raise OSError(error, os.strerror(error))
-        return super().write(fd, data)
-
-    def writev(self, fd, buffers):
-        # As a filling disk would: what fits of the first buffer, then errors.
-        return self.write(fd, buffers[0])
-
-    def fsync(self, fd):
-        error = self._due("fsync")
-        if error:
-            raise OSError(error, os.strerror(error))
-        super().fsync(fd)
-
-    def syncfs(self, fd):
-        error = self._due("fsync")  # counted and failed as the syncs they replace
-        if error:
-            raise OSError(error, os.strerror(error))
-        super().syncfs(fd)
-
 
 @implementer(IPushProducer)
 class ChunkPump:
@@ -639,3 +528,163 @@ class ChunkPump:
 
     def stopProducing(self):
         self.paused = True
+
+
+@implementer(IBodyProducer, IPushProducer)
+class ControlledBody:
+    """A request body the test writes into, piece by piece, and ends when it likes."""
+
+    length = UNKNOWN_LENGTH
+
+    def __init__(self):
+        self.consumer = None
+        self.finished = Deferred()
+        self.started = Deferred()
+
+    def startProducing(self, consumer):
+        self.consumer = consumer
+        self.started.callback(None)
+        return self.finished
+
+    def write(self, data: bytes):
+        self.consumer.write(data)
+
+    def end(self):
+        self.finished.callback(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+async def open_push(client: LoomClient, stream_id: str, first: bytes):
+    """A push the server has accepted (201) and whose body has sent ``first`` and stays
+    open: (the body, the Deferred of the push)."""
+    source = ControlledBody()
+    created = Deferred()
+    pushing = Deferred.fromCoroutine(client.push(source, stream_id, on_created=created.callback))
+    await guard(created)
+    await guard(source.started)
+    source.write(first)
+    return source, pushing
+
+
+def body(data: bytes):
+    from io import BytesIO
+
+    return FileBodyProducer(BytesIO(data))
+
+
+class ErrorPage(Protocol):
+    """A proxy in front of a Loom that is down: nginx's 502 page for every request, sent
+    as soon as the request's head has arrived, as nginx does."""
+
+    PAGE = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+            b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx/1.25.3</center>"
+            b"\r\n</body>\r\n</html>\r\n")
+
+    def __init__(self):
+        self.received = b""
+
+    def dataReceived(self, data):
+        self.received += data
+        if b"\r\n\r\n" in self.received:
+            self.transport.write(
+                b"HTTP/1.1 502 Bad Gateway\r\nServer: nginx/1.25.3\r\n"
+                b"Content-Type: text/html\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                % len(self.PAGE) + self.PAGE)
+            self.transport.loseConnection()
+            self.received = b""
+
+
+CURL = ["/usr/bin/curl", "--silent", "--show-error"]
+
+
+class Follow:
+    """A treq follower that records every chunk with its arrival time."""
+
+    def __init__(self):
+        self.chunks: list[tuple[float, bytes]] = []
+        self._waiters: list[tuple[int, Deferred]] = []
+        self.done: Deferred | None = None
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(c for _, c in self.chunks)
+
+    def received(self, data: bytes) -> None:
+        self.chunks.append((time.monotonic(), data))
+        for item in list(self._waiters):
+            size, d = item
+            if len(self.data) >= size:
+                self._waiters.remove(item)
+                d.callback(time.monotonic())
+
+    def until(self, size: int) -> Deferred:
+        d = Deferred()
+        self._waiters.append((size, d))
+        self.received(b"")
+        return guard(d)
+
+    async def start(self, url: str, **kwargs):
+        response = await treq.get(url, unbuffered=True, **kwargs)
+        self.response = response
+        self.done = treq.collect(response, self.received)
+        return response
+
+
+class ShortSink(RecordingSink):
+    """A consumer whose connection takes at most ``take`` bytes of a write and pauses its
+    producer when it took fewer than offered, as a full socket does."""
+
+    def __init__(self, take):
+        super().__init__()
+        self.take = take
+        self.paused = False
+
+    def write(self, parts, size):
+        assert not self.paused, "written to while paused"
+        data = b"".join(parts)[: self.take]
+        super().write([data], len(data))
+        if len(data) < size:
+            self.paused = True
+            self.producer.pauseProducing()
+        return len(data)
+
+    def resume_until_done(self, clock, done, rounds=10000):
+        """Let the consumer take more, again and again, until ``done()``."""
+        for _ in range(rounds):
+            if done():
+                return
+            if self.paused:
+                self.paused = False
+                self.producer.resumeProducing()
+            run_pending(clock)
+        raise AssertionError("never done")
+
+
+def run_pending(clock):
+    """Run the calls scheduled for now (a producer yielding between turns)."""
+    while any(call.getTime() <= clock.seconds() for call in clock.getDelayedCalls()):
+        clock.advance(0)
+
+
+def fake_produce(fake, stream_id=b"s1", data=b"", end=True, metadata=None):
+    channel, transport = fake.connect()
+    extra = b"X-Stream-Metadata: " + metadata + b"\r\n" if metadata else b""
+    channel.dataReceived(
+        b"POST /stream/" + stream_id + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        + extra + b"\r\n" + (chunk(data) if data else b"") + (b"0\r\n\r\n" if end else b"")
+    )
+    return channel, transport
+
+
+def fake_get(fake, target=b"/stream/s1", transport=None):
+    channel, transport = fake.connect(transport)
+    channel.dataReceived(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    return channel, transport

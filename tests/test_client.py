@@ -7,12 +7,8 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate
-from twisted.web.client import FileBodyProducer
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from zope.interface import implementer
 
 from loom.client import (
     CannotConnect,
@@ -23,79 +19,17 @@ from loom.client import (
     StreamNotFound,
     Unauthorized,
 )
-from tests.helpers import chunk, guard, make_tls_files, start_producer, start_server
-
-
-@implementer(IBodyProducer, IPushProducer)
-class ControlledBody:
-    """A request body the test writes into, piece by piece, and ends when it likes."""
-
-    length = UNKNOWN_LENGTH
-
-    def __init__(self):
-        self.consumer = None
-        self.finished = Deferred()
-        self.started = Deferred()
-
-    def startProducing(self, consumer):
-        self.consumer = consumer
-        self.started.callback(None)
-        return self.finished
-
-    def write(self, data: bytes):
-        self.consumer.write(data)
-
-    def end(self):
-        self.finished.callback(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
-async def open_push(client: LoomClient, stream_id: str, first: bytes):
-    """A push the server has accepted (201) and whose body has sent ``first`` and stays
-    open: (the body, the Deferred of the push)."""
-    source = ControlledBody()
-    created = Deferred()
-    pushing = Deferred.fromCoroutine(client.push(source, stream_id, on_created=created.callback))
-    await guard(created)
-    await guard(source.started)
-    source.write(first)
-    return source, pushing
-
-
-def body(data: bytes):
-    from io import BytesIO
-
-    return FileBodyProducer(BytesIO(data))
-
-
-class ErrorPage(Protocol):
-    """A proxy in front of a Loom that is down: nginx's 502 page for every request, sent
-    as soon as the request's head has arrived, as nginx does."""
-
-    PAGE = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
-            b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx/1.25.3</center>"
-            b"\r\n</body>\r\n</html>\r\n")
-
-    def __init__(self):
-        self.received = b""
-
-    def dataReceived(self, data):
-        self.received += data
-        if b"\r\n\r\n" in self.received:
-            self.transport.write(
-                b"HTTP/1.1 502 Bad Gateway\r\nServer: nginx/1.25.3\r\n"
-                b"Content-Type: text/html\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-                % len(self.PAGE) + self.PAGE)
-            self.transport.loseConnection()
-            self.received = b""
+from tests.helpers import (
+    body,
+    chunk,
+    ControlledBody,
+    ErrorPage,
+    guard,
+    make_tls_files,
+    open_push,
+    start_producer,
+    start_server,
+)
 
 
 @pytest_twisted.ensureDeferred

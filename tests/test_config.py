@@ -275,3 +275,13 @@ async def test_twistd_starts_on_the_original_defaults_file(tmp_path):
     finally:
         process.signal("TERM")
         await process.wait()
+
+
+def test_direct_send_is_on_by_default_and_can_be_switched_off(tmp_path):
+    """directSend (LOOM_DIRECT_SEND) takes true or false; anything else is refused."""
+    assert load_config([], {}).config.direct_send is True
+    assert load_config([write(tmp_path, "a.yaml", "directSend: false\n")], {}).config \
+        .direct_send is False
+    assert load_config([], {"LOOM_DIRECT_SEND": "off"}).config.direct_send is False
+    with pytest.raises(ConfigError, match="LOOM_DIRECT_SEND"):
+        load_config([], {"LOOM_DIRECT_SEND": "sometimes"})

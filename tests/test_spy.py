@@ -3,12 +3,12 @@
 import re
 
 import pytest
+import pytest_twisted
 from twisted.internet.task import Clock
 
 from loom.spy import MAX_PARTIAL, PALETTE, LineFramer, Spy, SpyFormat, clean_line
 from loom.store import MemoryStore
-from tests.test_follow import ShortSink, Sink, run_pending
-from tests.test_store import result
+from tests.helpers import RecordingSink, ShortSink, run_pending
 
 ANSI = re.compile(rb"\x1b\[[0-9;]*m")
 
@@ -102,17 +102,18 @@ def test_no_escape_codes_without_color():
     assert out == b"START a {}\na | red\nEND a complete 3\n"
 
 
-def test_spy_shows_active_streams_from_their_end_and_new_ones_from_the_start(store, clock):
+@pytest_twisted.ensureDeferred
+async def test_spy_shows_active_streams_from_their_end_and_new_ones_from_the_start(store, clock):
     """Streams live at connect start at their current end; later ones from their first byte."""
-    old = result(store.create("old", '{"job":1}'))
+    old = (await store.create("old", '{"job":1}'))
     old.append(b"history\n")
-    sink = Sink()
+    sink = RecordingSink()
     spy = Spy(store, sink, clock)
     spy.start()
     old.append(b"live\n")
-    new = result(store.create("new", "{}"))
+    new = (await store.create("new", "{}"))
     new.append(b"first\n")
-    result(new.complete())
+    (await new.complete())
     assert lines(sink) == [
         'START old {"job":1}',
         "old | live",
@@ -122,11 +123,12 @@ def test_spy_shows_active_streams_from_their_end_and_new_ones_from_the_start(sto
     ]
 
 
-def test_lines_of_different_streams_never_splice(store, clock):
+@pytest_twisted.ensureDeferred
+async def test_lines_of_different_streams_never_splice(store, clock):
     """Partial lines written alternately by two streams come out as whole lines."""
-    a = result(store.create("a", "{}"))
-    b = result(store.create("b", "{}"))
-    sink = Sink()
+    a = (await store.create("a", "{}"))
+    b = (await store.create("b", "{}"))
+    sink = RecordingSink()
     Spy(store, sink, clock).start()
     a.append(b"aa")
     b.append(b"bb")
@@ -135,10 +137,11 @@ def test_lines_of_different_streams_never_splice(store, clock):
     assert lines(sink)[2:] == ["a | aaAA", "b | bbBB"]
 
 
-def test_partial_line_is_shown_after_about_a_second(store, clock):
+@pytest_twisted.ensureDeferred
+async def test_partial_line_is_shown_after_about_a_second(store, clock):
     """A prompt or progress bar without newline appears after ~1 s, not never."""
-    stream = result(store.create("p", "{}"))
-    sink = Sink()
+    stream = (await store.create("p", "{}"))
+    sink = RecordingSink()
     spy = Spy(store, sink, clock)
     spy.start()
     stream.append(b"Password: ")
@@ -152,20 +155,22 @@ def test_partial_line_is_shown_after_about_a_second(store, clock):
     assert clock.getDelayedCalls() == []
 
 
-def test_end_line_reports_state_and_size(store, clock):
+@pytest_twisted.ensureDeferred
+async def test_end_line_reports_state_and_size(store, clock):
     """END carries the final state and size, after the stream's last line."""
-    stream = result(store.create("x", "{}"))
-    sink = Sink()
+    stream = (await store.create("x", "{}"))
+    sink = RecordingSink()
     Spy(store, sink, clock).start()
     stream.append(b"no newline at end")
-    result(stream.abort())
+    (await stream.abort())
     assert lines(sink)[-2:] == ["x | no newline at end", "END x aborted 17"]
 
 
-def test_paused_spy_buffers_nothing_and_catches_up_later(store, clock):
+@pytest_twisted.ensureDeferred
+async def test_paused_spy_buffers_nothing_and_catches_up_later(store, clock):
     """While the client is paused nothing is written; afterwards every line is sent."""
-    stream = result(store.create("s", "{}"))
-    sink = Sink(limit=1)
+    stream = (await store.create("s", "{}"))
+    sink = RecordingSink(limit=1)
     spy = Spy(store, sink, clock)
     spy.start()
     written = len(sink.data)
@@ -178,10 +183,11 @@ def test_paused_spy_buffers_nothing_and_catches_up_later(store, clock):
     assert lines(sink)[1:] == [f"s | line {i}" for i in range(1000)]
 
 
-def test_a_spy_far_behind_skips_with_an_explicit_marker(store, clock):
+@pytest_twisted.ensureDeferred
+async def test_a_spy_far_behind_skips_with_an_explicit_marker(store, clock):
     """Lag beyond the limit is replaced by a SKIP line saying how much was skipped."""
-    stream = result(store.create("s", "{}"))
-    sink = Sink(limit=1)
+    stream = (await store.create("s", "{}"))
+    sink = RecordingSink(limit=1)
     spy = Spy(store, sink, clock, max_lag=1000)
     spy.start()
     stream.append(b"x" * 999 + b"\n" + b"y" * 1500 + b"\n" + b"zz")
@@ -192,10 +198,11 @@ def test_a_spy_far_behind_skips_with_an_explicit_marker(store, clock):
     assert lines(sink)[-1] == "s | zzz after"
 
 
-def test_skipping_drops_the_held_partial_line_and_counts_it(store, clock):
+@pytest_twisted.ensureDeferred
+async def test_skipping_drops_the_held_partial_line_and_counts_it(store, clock):
     """A partial line held when the skip happens is counted in the SKIP line, not lost."""
-    stream = result(store.create("s", "{}"))
-    sink = Sink()
+    stream = (await store.create("s", "{}"))
+    sink = RecordingSink()
     spy = Spy(store, sink, clock, max_lag=100)
     spy.start()
     stream.append(b"held")
@@ -207,12 +214,13 @@ def test_skipping_drops_the_held_partial_line_and_counts_it(store, clock):
     assert lines(sink)[1:] == ["SKIP s 211 bytes"]  # 4 held + 6 + 201
 
 
-def test_stop_leaves_nothing_behind(store, clock):
+@pytest_twisted.ensureDeferred
+async def test_stop_leaves_nothing_behind(store, clock):
     """A spy that leaves holds no observer, listener, timer or file."""
-    stream = result(store.create("s", "{}"))
+    stream = (await store.create("s", "{}"))
     spies = []
     for _ in range(200):
-        spy = Spy(store, Sink(), clock)
+        spy = Spy(store, RecordingSink(), clock)
         spy.start()
         spies.append(spy)
     stream.append(b"partial")  # every spy now has a partial line and a timer
@@ -236,11 +244,12 @@ class Tripwire:
         raise AssertionError(f"touched another stream's framer ({name})")
 
 
-def test_a_chunk_costs_the_spy_its_own_stream_only(store, clock):
+@pytest_twisted.ensureDeferred
+async def test_a_chunk_costs_the_spy_its_own_stream_only(store, clock):
     """With a thousand streams each holding a partial line, a chunk of one stream touches
     no other stream's state: a spy's cost per chunk does not grow with the streams."""
-    streams = [result(store.create(f"s{i}", "{}")) for i in range(1000)]
-    sink = Sink()
+    streams = [(await store.create(f"s{i}", "{}")) for i in range(1000)]
+    sink = RecordingSink()
     spy = Spy(store, sink, clock)
     spy.start()
     for index, stream in enumerate(streams):
@@ -255,12 +264,13 @@ def test_a_chunk_costs_the_spy_its_own_stream_only(store, clock):
     assert lines(sink)[-1] == "s500 | progress 9% done"
 
 
-def test_held_lines_are_shown_oldest_first_each_at_its_own_time(store, clock):
+@pytest_twisted.ensureDeferred
+async def test_held_lines_are_shown_oldest_first_each_at_its_own_time(store, clock):
     """Partial lines begun at different moments are each shown about a second later."""
-    sink = Sink()
+    sink = RecordingSink()
     spy = Spy(store, sink, clock)
     spy.start()
-    a, b, c = (result(store.create(name, "{}")) for name in "abc")
+    a, b, c = [(await store.create(name, "{}")) for name in "abc"]
     a.append(b"a-partial")
     clock.advance(0.4)
     b.append(b"b-partial")
@@ -277,15 +287,16 @@ def test_held_lines_are_shown_oldest_first_each_at_its_own_time(store, clock):
     assert clock.getDelayedCalls() == []
 
 
-def test_what_a_spy_client_did_not_take_goes_first_when_it_resumes(store, clock):
+@pytest_twisted.ensureDeferred
+async def test_what_a_spy_client_did_not_take_goes_first_when_it_resumes(store, clock):
     """Lines a spy client's connection did not take are kept and sent first when it
     resumes: none lost, none repeated, none out of order."""
-    stream = result(store.create("s", "{}"))
+    stream = (await store.create("s", "{}"))
     sink = ShortSink(take=10)
     Spy(store, sink, clock).start()
     for index in range(300):
         stream.append(b"line %d\n" % index)
-    result(stream.complete())
+    (await stream.complete())
     end = b"END s complete %d\n" % stream.size
     sink.resume_until_done(clock, lambda: sink.data.endswith(end))
     assert lines(sink) == ["START s {}", *(f"s | line {i}" for i in range(300)),

@@ -1,4 +1,12 @@
-"""DiskStore: streams in a data directory, with a SQLite catalog."""
+"""DiskStore: streams in a data directory, with a SQLite catalog beside the files.
+
+A ``DataDirectory`` owns the directory as a whole: its lock (one server at a
+time), its catalog database (opened, checked, rebuilt on request), its
+space reserve (so bookkeeping commits on a full disk) and start-up (recovery
+before anything is served; on a disk too full even for that, reads only until
+there is room). ``DiskStore`` is the stream store composed of the directory's
+SQLite catalog, its file log and the in-process live signal.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +17,10 @@ from dataclasses import replace
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
-from zope.interface import implementer
 
-from loom.errors import (
-    StorageFailed,
-    StreamNotFound,
-    Unavailable,
-)
-from loom.model import (
-    INTERRUPTED,
-    INTERRUPTED_REASON,
-    StreamRecord,
-)
+from loom.errors import Unavailable
+from loom.model import INTERRUPTED, INTERRUPTED_REASON, LIVE, StreamRecord
+from loom.store.catalog_db import Catalog, CatalogError, NotACatalog
 from loom.store.datadir import (
     CATALOG,
     RESERVE,
@@ -34,18 +34,14 @@ from loom.store.datadir import (
     stream_file,
     what_to_do,
 )
-from loom.store.faults import FileSystem
-from loom.store.sqlite import Catalog, CatalogError, NotACatalog
-from loom.store.files import DataFile
-from loom.store.interfaces import IStreamStore
-from loom.store.live import LiveStream
-from loom.store.memory import MemoryFile
+from loom.store.faults import CrashPoints, FileSystem
+from loom.store.files import FileLog
 from loom.store.recovery import CatalogMismatch, CatalogRebuild, Recovery
-from loom.store.streams import _StoreBase, _describe, _raise_if_out_of_files
+from loom.store.sqlite import SQLiteCatalog
+from loom.store.streams import StreamStore, _describe
 from loom.store.threads import Runners
 
 log = Logger()
-
 
 DEFAULT_RESERVE = 8 * 1024 * 1024
 ROOM_EVERY = 1.0  # seconds between looks for disk space while the disk is full
@@ -54,32 +50,35 @@ ROOM_EVERY = 1.0  # seconds between looks for disk space while the disk is full
 _NEARLY_FULL = 1024 * 1024
 
 
-@implementer(IStreamStore)
-class DiskStore(_StoreBase):
-    """Streams in ``<data_dir>/streams/<xx>/<storage>.data`` with a SQLite catalog.
+class DataDirectory:
+    """``<data_dir>``: ``catalog.sqlite3``, ``streams/<xx>/<storage>.data``, ``reserve``.
 
-    ``fs`` and ``crash`` are the fault-injection seams (see loom.store.faults).
-    ``reserve`` is the size in bytes of the disk-space reserve (0: none, see loom.store.datadir.SpaceReserve). ``rebuild_catalog`` lets start-up rebuild a
-    missing, empty or foreign catalog from the data files (CatalogRebuild)
-    where it would otherwise refuse to start.
+    ``reserve`` is the size in bytes of the disk-space reserve (0: none, see
+    loom.store.datadir.SpaceReserve). ``rebuild_catalog`` lets start-up rebuild
+    a missing, empty or foreign catalog from the data files (CatalogRebuild)
+    where it would otherwise refuse to start. ``unrecorded`` is the store's
+    map of ends the catalog has not taken yet: start-up on a full disk puts
+    the ends of the streams it could not mark interrupted there.
     """
 
-    def __init__(self, data_dir: str, clock, runners: Runners, fs: FileSystem | None = None,
-                 reserve: int = DEFAULT_RESERVE, rebuild_catalog: bool = False, **options):
-        super().__init__(clock, runners, **options)
+    def __init__(self, data_dir: str, clock, runners: Runners, reserve: int = DEFAULT_RESERVE,
+                 rebuild_catalog: bool = False):
         self.data_dir = FilePath(os.path.abspath(data_dir))
-        self._fs = fs or FileSystem()
-        self._writer: Catalog | None = None
-        self._reader: Catalog | None = None
-        self._lock: DirectoryLock | None = None
+        self._clock = clock
+        self._runners = runners
         self.reserve = SpaceReserve(self.data_dir.child(RESERVE).path, reserve)
         self._rebuild_catalog = rebuild_catalog
+        self._writer: Catalog | None = None
+        self._reader: Catalog | None = None  # the directory's own (checks, start-up)
+        self._lock: DirectoryLock | None = None
         # While start-up's own writes wait for room on a full disk: why. Reads
         # are served meanwhile; nothing is created or resumed.
         self._waiting_for_room: str | None = None
         self._start_up_ends: dict[str, StreamRecord] = {}
-        self._immutable_reader = False
+        self.immutable_reader = False
         self._room_loop: LoopingCall | None = None
+        self.unrecorded: dict[str, StreamRecord] = {}
+        self.on_readers_renewed = None  # called when reading connections must be made anew
 
     @property
     def catalog_path(self) -> str:
@@ -93,21 +92,13 @@ class DiskStore(_StoreBase):
         """Where the data of storage name ``storage`` lives."""
         return FilePath(stream_file(self.data_dir.path, storage))
 
-    # life cycle
+    def now_ms(self) -> int:
+        return int(self._clock.seconds() * 1000)
 
-    def start(self) -> None:
-        super().start()
-        self._room_loop = LoopingCall(self._look_for_room)
-        self._room_loop.clock = self._clock
-        self._room_loop.start(ROOM_EVERY, now=False).addErrback(
-            lambda f: log.failure("looking for disk space failed", f))
+    # opening and closing
 
-    async def stop(self) -> None:
-        if self._room_loop is not None and self._room_loop.running:
-            self._room_loop.stop()
-        await super().stop()
-
-    def _open_storage(self) -> None:
+    def open(self) -> None:
+        """Lock the directory, open (or make) its catalog and reconcile it with the files."""
         self.data_dir.makedirs(ignoreExistingDirectory=True)
         # Before anything reads or changes the catalog or the files: a second
         # server on this directory would take the first one's live streams
@@ -116,7 +107,7 @@ class DiskStore(_StoreBase):
         self.data_dir.child("streams").makedirs(ignoreExistingDirectory=True)
         self.reserve.thd_adopt()
         if self.reserve.low():
-            self._thd_make_room()  # opening the catalog and start-up's marks need room
+            self.thd_make_room()  # opening the catalog and start-up's marks need room
         rebuilt = False
         while True:
             problem = catalog_problem(self.catalog_path, self.data_dir.child("streams").path)
@@ -132,7 +123,7 @@ class DiskStore(_StoreBase):
                     problem = str(e)
             if not self._rebuild_catalog or rebuilt:
                 raise DataDirectoryError(what_to_do(problem))
-            CatalogRebuild(self, self._now_ms()).run(problem)
+            CatalogRebuild(self, self.now_ms()).run(problem)
             rebuilt = True
         if self._rebuild_catalog and not rebuilt:
             log.warn("--rebuild-catalog: the catalog {path} is usable, so nothing was rebuilt",
@@ -143,11 +134,25 @@ class DiskStore(_StoreBase):
                      data_dir=self.data_dir.path, free=describe_size(self.reserve.free()),
                      needed=describe_size(self.reserve.needed))
 
+    def close(self) -> None:
+        self._close_catalogs()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _close_catalogs(self) -> None:
+        for catalog in (self._reader, self._writer):
+            if catalog is not None:
+                catalog.close()
+        self._reader = self._writer = None
+        if self.on_readers_renewed is not None:
+            self.on_readers_renewed()
+
     def _open_and_recover(self) -> None:
         try:
             self._writer = self._open_writer()
             self._reader = Catalog(self.catalog_path, readonly=True, create=False)
-            Recovery(self, self._writer, self._now_ms()).run()
+            Recovery(self, self._writer, self.now_ms()).run()
         except (NotACatalog, CatalogMismatch):
             raise
         except (CatalogError, OSError) as e:
@@ -157,7 +162,19 @@ class DiskStore(_StoreBase):
             self._wait_for_room(e)
 
     def _open_writer(self) -> Catalog:
-        return Catalog(self.catalog_path, create=False, make_room=self._thd_make_room)
+        return Catalog(self.catalog_path, create=False, make_room=self.thd_make_room)
+
+    def open_reader(self) -> Catalog:
+        """A new reading connection (one per reader thread)."""
+        return Catalog(self.catalog_path, readonly=True, create=False,
+                       immutable=self.immutable_reader)
+
+    def thd_writer(self) -> Catalog:
+        if self._writer is None:
+            raise CatalogError(self._waiting_for_room or "the catalog is not open")
+        return self._writer
+
+    # a full disk at start-up
 
     def _wait_for_room(self, error: Exception) -> None:
         """Start-up cannot write for want of room: serve reads, and finish once there is room.
@@ -172,15 +189,15 @@ class DiskStore(_StoreBase):
         problems = self._reader.integrity_problems()
         if problems:
             raise CatalogError(f"the catalog {self.catalog_path} is damaged: {problems[0]}")
-        now = self._now_ms()
-        for record in self._reader.records_in_state("live"):
+        now = self.now_ms()
+        for record in self._reader.records_in_state(LIVE):
             try:
                 size = self.data_path(record.storage).getsize()
             except OSError:
                 size = 0
             ended = replace(record, state=INTERRUPTED, size=size, finished_ms=now,
                             reason=INTERRUPTED_REASON)
-            self._unrecorded[record.id] = self._start_up_ends[record.id] = ended
+            self.unrecorded[record.id] = self._start_up_ends[record.id] = ended
         self._waiting_for_room = f"the disk is full ({_describe(error)})"
         log.warn("the disk holding {data_dir} is full ({error}): Loom serves reads only, and "
                  "finishes starting once there is room", data_dir=self.data_dir.path,
@@ -196,8 +213,18 @@ class DiskStore(_StoreBase):
         wal = self.catalog_path + "-wal"
         if os.path.exists(wal) and os.path.getsize(wal) > 0:
             raise CatalogError(f"the disk is full and the catalog cannot be opened: {error}")
-        self._immutable_reader = True
+        self.immutable_reader = True
         return Catalog(self.catalog_path, readonly=True, create=False, immutable=True)
+
+    def start_looking_for_room(self) -> None:
+        self._room_loop = LoopingCall(self._look_for_room)
+        self._room_loop.clock = self._clock
+        self._room_loop.start(ROOM_EVERY, now=False).addErrback(
+            lambda f: log.failure("looking for disk space failed", f))
+
+    def stop_looking_for_room(self) -> None:
+        if self._room_loop is not None and self._room_loop.running:
+            self._room_loop.stop()
 
     def _look_for_room(self):
         """Every second while the disk is full: finish starting, or make the reserve again."""
@@ -207,7 +234,7 @@ class DiskStore(_StoreBase):
             d = self._runners.catalog(self._thd_finish_starting)
             d.addCallback(self._finished_starting)
         elif not self.reserve.accepts_data:
-            d = self._runners.catalog(self._thd_restore_reserve)
+            d = self._runners.catalog(self.thd_restore_reserve)
         else:
             return None
         return d.addErrback(lambda f: log.failure("looking for disk space failed", f))
@@ -220,7 +247,7 @@ class DiskStore(_StoreBase):
             except CatalogError:
                 return None
             reader = None
-            if self._immutable_reader:
+            if self.immutable_reader:
                 try:
                     reader = Catalog(self.catalog_path, readonly=True, create=False)
                 except CatalogError:
@@ -228,14 +255,14 @@ class DiskStore(_StoreBase):
                     return None
             return writer, reader
         try:
-            Recovery(self, self._writer, self._now_ms()).run()
+            Recovery(self, self._writer, self.now_ms()).run()
         except CatalogMismatch as e:
             self._waiting_for_room = what_to_do(str(e))
             log.error("cannot finish starting: {problem}", problem=self._waiting_for_room)
             return None
         except (CatalogError, OSError):
             return None
-        self._thd_restore_reserve()
+        self.thd_restore_reserve()
         return "done"
 
     def _finished_starting(self, outcome):
@@ -253,18 +280,22 @@ class DiskStore(_StoreBase):
             if reader is not None:
                 old, self._reader = self._reader, reader
                 old.close()
-                self._immutable_reader = False
+                self.immutable_reader = False
+                if self.on_readers_renewed is not None:
+                    self.on_readers_renewed()
             return self._runners.catalog(self._thd_finish_starting).addCallback(
                 self._finished_starting)
         self._waiting_for_room = None
         for stream_id, record in self._start_up_ends.items():
-            if self._unrecorded.get(stream_id) is record:
-                del self._unrecorded[stream_id]
+            if self.unrecorded.get(stream_id) is record:
+                del self.unrecorded[stream_id]
         self._start_up_ends = {}
         log.info("there is room on the disk again: start-up is finished, new streams are accepted")
         return None
 
-    def _thd_make_room(self) -> bool:
+    # the reserve
+
+    def thd_make_room(self) -> bool:
         """A bookkeeping commit failed: if the disk is full, give up the reserve so it can work."""
         if not self.reserve.low() or not self.reserve.thd_release():
             return False
@@ -274,191 +305,84 @@ class DiskStore(_StoreBase):
                  size=describe_size(self.reserve.size), needed=describe_size(self.reserve.needed))
         return True
 
-    def _thd_restore_reserve(self) -> None:
+    def thd_restore_reserve(self) -> None:
         if not self.reserve.accepts_data and self.reserve.thd_establish():
             log.info("there is room on the disk again: the reserve is made again and new data "
                      "is accepted")
 
-    def _check_catalog(self) -> None:
-        if self._reader is not None and not self._reader.in_place():
+    # what the store's roles ask
+
+    def check(self) -> None:
+        """Raise Unavailable unless the catalog can be used (for /health, before a delete)."""
+        if self._reader is None:
+            raise Unavailable("The store is not open.")
+        if not self._reader.in_place():
             raise Unavailable(
                 f"The catalog file {self.catalog_path} was deleted or replaced while Loom was "
                 "running: nothing more can be recorded, so new streams and deletions are "
                 "refused. Restart Loom once the catalog is back (or with --rebuild-catalog).")
+        if self._waiting_for_room is not None:
+            raise Unavailable(f"Loom serves reads only: it could not finish starting "
+                              f"({self._waiting_for_room}).")
 
-    def _thd_check_can_store(self) -> None:
+    def thd_check_can_store(self) -> None:
         """Raise unless a stream's data may be stored now: catalog in place, start-up done, room."""
-        self._check_catalog()
+        if self._reader is not None and not self._reader.in_place():
+            self.check()
         if self._waiting_for_room is not None:
             raise OSError(errno.ENOSPC, "the disk is full and Loom has not finished starting")
-        self._thd_restore_reserve()
+        self.thd_restore_reserve()
         if not self.reserve.accepts_data:
             raise OSError(errno.ENOSPC, "the disk is full; new data is accepted again once "
                           f"{describe_size(self.reserve.needed)} are free")
 
-    def _thd_writer(self) -> Catalog:
-        if self._writer is None:
-            raise CatalogError(self._waiting_for_room or "the catalog is not open")
-        return self._writer
-
-    def _close_catalogs(self) -> None:
-        for catalog in (self._reader, self._writer):
-            if catalog is not None:
-                catalog.close()
-        self._reader = self._writer = None
-
-    def _close_storage(self) -> None:
-        self._close_catalogs()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-
-    def _get_record(self, stream_id: str) -> StreamRecord | None:
-        return self._reader.get(stream_id)
-
-    def _open_data(self, record: StreamRecord):
-        try:
-            fd = self._fs.open(self.data_path(record.storage).path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return MemoryFile(bytearray())  # nothing on disk: size() reports the loss
-        except OSError as e:
-            _raise_if_out_of_files(e)
-            log.error("stream {stream_id}: opening its data failed: {error}",
-                      stream_id=record.id, error=_describe(e))
-            raise StorageFailed(f"Loom could not read stream {record.id}: {_describe(e)}.")
-        return DataFile(fd, self._fs)
-
-    def _thd_create(self, record: StreamRecord, force: bool):
-        self._thd_check_can_store()
-        writer = self._thd_writer()
-        path = self.data_path(record.storage)
-        directory = path.parent()
-        directory.makedirs(ignoreExistingDirectory=True)
-        fd = self._fs.open(
-            path.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        )
-        self._crash.reached("file-created")
-        try:
-            if force:
-                replaced = writer.replace(record)
-            else:
-                writer.insert(record)
-                replaced = None
-        except BaseException:
-            self._fs.close(fd)
-            try:
-                self._fs.unlink(path.path)
-            except OSError:
-                pass  # an orphan: reconciliation removes it
-            raise
-        return DataFile(fd, self._fs, directory.path, self.reserve), replaced
-
-    def _thd_record_end(self, record, state, size, at_ms, reason) -> bool:
-        return self._thd_writer().finish(record.id, record.storage, state, size, at_ms, reason)
-
-    def _thd_remove_data(self, storages: list[str]) -> None:
-        """Remove the files of ``storages`` (pending deletes), then forget them."""
-        for storage in storages:
-            try:
-                self._fs.unlink(self.data_path(storage).path)
-            except FileNotFoundError:
-                pass
-        self._thd_writer().forget_pending_deletes(storages)
-
-    def _thd_mark_clean_shutdown(self) -> None:
+    def thd_clean_shutdown_allowed(self) -> None:
         if self._waiting_for_room is not None:
             # Start-up's marks (and maybe its reconciliation) are still to do.
             raise CatalogError(f"start-up never finished: {self._waiting_for_room}")
-        self._thd_writer().set_setting("clean_shutdown", "1")
 
-    def _thd_delete(self, streams: list[tuple[str, str]]) -> list[str]:
-        storages = self._thd_writer().delete(streams)
-        try:
-            self._thd_remove_data(storages)
-        except CatalogError as e:
-            # Rows and files are gone; only their pending-delete notes stay,
-            # and the next start drops those.
-            log.warn("deleted streams' notes could not be dropped: {error}", error=e)
-        self._thd_restore_reserve()  # a deletion is how a full disk gets room again
-        return storages
 
-    def _thd_reopen(self, record: StreamRecord) -> DataFile:
-        self._thd_check_can_store()
-        path = self.data_path(record.storage)
-        path.parent().makedirs(ignoreExistingDirectory=True)
-        fd = self._fs.open(path.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC)
-        try:
-            # Bytes beyond the recorded size were never part of the stream.
-            os.ftruncate(fd, record.size)
-            if not self._thd_writer().reopen(record.id, record.storage):
-                raise StreamNotFound(record.id)
-        except BaseException:
-            self._fs.close(fd)
-            raise
-        return DataFile(fd, self._fs, path.parent().path, self.reserve)
+class DiskStore(StreamStore):
+    """Streams in a data directory: its SQLite catalog, its files, the in-process signal.
 
-    def _thd_expire(self, before_ms: int, limit: int) -> list[str]:
-        expired = self._thd_writer().expired(before_ms, limit)
-        self._thd_delete(expired)
-        return [stream_id for stream_id, _ in expired]
+    ``fs`` and ``crash`` are the fault-injection seams (see loom.store.faults);
+    ``reserve`` and ``rebuild_catalog`` are the DataDirectory's.
+    """
 
-    def _list_records(self, **filters) -> list[StreamRecord]:
-        return self._reader.list(**filters)
+    def __init__(self, data_dir: str, clock, runners: Runners, fs: FileSystem | None = None,
+                 reserve: int = DEFAULT_RESERVE, rebuild_catalog: bool = False, **options):
+        directory = DataDirectory(data_dir, clock, runners, reserve, rebuild_catalog)
+        crash = options.get("crash") or CrashPoints()
+        options["crash"] = crash
+        files = FileLog(directory.data_dir.path, runners, fs, room=directory.reserve,
+                        crash=crash, can_store=directory.thd_check_can_store,
+                        room_returned=directory.thd_restore_reserve)
+        catalog = SQLiteCatalog(runners, writer=directory.thd_writer,
+                                open_reader=directory.open_reader, check=directory.check,
+                                open=directory.open, close=directory.close,
+                                before_clean_shutdown=directory.thd_clean_shutdown_allowed)
+        super().__init__(catalog, files, clock, runners, **options)
+        directory.unrecorded = self.unrecorded
+        directory.on_readers_renewed = catalog.renew_readers
+        self.directory = directory
+        self.data_dir = directory.data_dir
+        self.reserve = directory.reserve
 
-    def stream_count(self) -> int:
-        return self._reader.count()
+    @property
+    def catalog_path(self) -> str:
+        return self.directory.catalog_path
 
-    def check_health(self) -> None:
-        if self._reader is None:
-            raise Unavailable("The store is not open.")
-        self._check_catalog()
-        try:
-            self._reader.usable()
-        except CatalogError as e:
-            raise Unavailable(f"The catalog cannot be read: {e}") from e
-        if self._waiting_for_room is not None:
-            raise Unavailable(f"Loom serves reads only: it could not finish starting "
-                              f"({self._waiting_for_room}).")
-        streams = self.data_dir.child("streams").path
-        if not os.access(streams, os.W_OK | os.X_OK):
-            raise Unavailable(f"The data directory {streams} is not writable.")
-        if not self.reserve.accepts_data:
-            raise Unavailable("The data directory's file system is full: new data is refused "
-                              f"until {describe_size(self.reserve.needed)} are free.")
-        if os.statvfs(streams).f_bavail == 0:
-            raise Unavailable("The data directory's file system is full.")
+    @property
+    def quarantine(self) -> FilePath:
+        return self.directory.quarantine
 
-    async def _sync_streams(self, streams: list[LiveStream]) -> None:
-        """Many streams: one syncfs of the data directory's file system, not one fsync each.
+    def data_path(self, storage: str) -> FilePath:
+        return self.directory.data_path(storage)
 
-        Every fsync of an appended file commits the file system's journal; with
-        hundreds of live streams that is hundreds of commits a second, where
-        one syncfs does the same work at once. If syncfs fails (or does not
-        exist), each stream is synced on its own, so a failure is pinned on the
-        stream it belongs to.
-        """
-        if len(streams) > 1 and self._syncfs_works:
-            targets = [(stream, stream.size) for stream in streams]
-            try:
-                await self._runners.io(self._thd_syncfs)
-            except OSError as e:
-                if e.errno == errno.ENOSYS:
-                    self._syncfs_works = False
-                else:
-                    log.warn("syncfs failed ({error}): syncing streams one by one",
-                             error=_describe(e))
-            else:
-                for stream, size in targets:
-                    stream.synced = max(stream.synced, size)
-                return
-        await super()._sync_streams(streams)
+    def start(self) -> None:
+        super().start()
+        self.directory.start_looking_for_room()
 
-    _syncfs_works = True
-
-    def _thd_syncfs(self) -> None:
-        fd = os.open(self.data_dir.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            self._fs.syncfs(fd)
-        finally:
-            os.close(fd)
-
+    async def stop(self) -> None:
+        self.directory.stop_looking_for_room()
+        await super().stop()

@@ -4,7 +4,8 @@ The disk store does every file-system call through a ``FileSystem`` and
 announces each step of a stream's life to ``CrashPoints``. In production
 these are the plain OS calls and no-ops. Tests swap in a file system that
 fails the Nth call with ENOSPC or EIO, and crash points that kill the
-process at a chosen step, to prove the durability promise step by step.
+process at a chosen step (loom.testing), to prove the durability promise
+step by step. Nothing in a production server arms a crash point.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import signal
 
 try:
     _syncfs = ctypes.CDLL(None, use_errno=True).syncfs
@@ -66,27 +66,3 @@ class CrashPoints:
 
     def reached(self, point: str) -> None:
         pass
-
-
-class CrashAt(CrashPoints):
-    """Kill this process (SIGKILL, as ``kill -9``) the ``count``-th time ``point`` is reached."""
-
-    def __init__(self, point: str, count: int = 1):
-        if point not in CRASH_POINTS:
-            raise ValueError(f"unknown crash point {point!r}; known: {', '.join(CRASH_POINTS)}")
-        self.point = point
-        self.remaining = count
-
-    def reached(self, point: str) -> None:
-        if point == self.point:
-            self.remaining -= 1
-            if self.remaining == 0:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-
-def crash_points_from(value: str | None) -> CrashPoints:
-    """``LOOM_CRASH_AT=<point>[:<n>]`` arms a crash point, for the crash tests only."""
-    if not value:
-        return CrashPoints()
-    point, _, count = value.partition(":")
-    return CrashAt(point, int(count or 1))

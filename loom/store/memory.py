@@ -1,28 +1,35 @@
-"""MemoryStore: the same contract with everything in dictionaries, a fake for tests."""
+"""The store's three roles in memory: a catalog and a byte log in dictionaries, for tests.
+
+``MemoryStore`` composes them with the in-process live signal; give a later
+MemoryStore the same ``records`` and ``files`` to simulate a restart.
+
+Every answer goes through the store's runners: with ``InlineRunners`` it is
+there at once (as the local backend's), with ``loom.testing.NextTurnRunners``
+only on a later turn of the reactor, as a networked backend's would be. How
+the byte log confirms appends is chosen by ``commits``: ``"now"`` (as a local
+file does: ``append`` returns None), ``"later"`` (through the runners) or
+``"manual"`` (held until the test calls ``commit()``). The stream store must
+wake followers, and let its producer go on, only once an append is committed.
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from loom.errors import (
-    StreamExists,
-)
-from loom.model import (
-    INTERRUPTED,
-    StreamRecord,
-)
-from loom.store.interfaces import IStreamStore
-from loom.store.streams import _StoreBase
+from loom.errors import StreamExists
+from loom.model import INTERRUPTED, INTERRUPTED_REASON, LIVE, StreamRecord, meta_rows
+from loom.store.interfaces import IByteLog, ICatalog
+from loom.store.streams import StreamStore
 from loom.store.threads import InlineRunners, Runners
 
-log = Logger()
+COMMITS = ("now", "later", "manual")
 
 
 class MemoryFile:
-    """A DataFile kept in memory, for MemoryStore."""
+    """A stream's bytes in memory, read and written like a DataFile."""
 
     def __init__(self, data: bytearray):
         self._data = data
@@ -47,95 +54,96 @@ class MemoryFile:
         pass
 
 
-@implementer(IStreamStore)
-class MemoryStore(_StoreBase):
-    """The same contract with everything in dictionaries: a fake for tests.
+@implementer(ICatalog)
+class MemoryCatalog:
+    """Records in a dictionary. ``sizes(storage)`` tells how many bytes a stream holds,
+    for the streams a "crash" left live; ``clock`` times their end."""
 
-    ``records`` and ``files`` may be shared with a later MemoryStore to
-    simulate a restart.
-    """
-
-    def __init__(self, clock, runners: Runners | None = None, records: dict | None = None,
-                 files: dict | None = None, **options):
-        super().__init__(clock, runners or InlineRunners(), **options)
+    def __init__(self, records: dict | None = None, sizes=None, clock=None,
+                 runners: Runners | None = None):
         self.records: dict[str, StreamRecord] = {} if records is None else records
-        self.files: dict[str, bytearray] = {} if files is None else files
+        self._sizes = sizes
+        self._clock = clock
+        self._runners = runners or InlineRunners()
 
-    def _open_storage(self) -> None:
+    def open(self) -> None:
+        """A restart: streams left live become interrupted, sized by their bytes."""
+        now_ms = int(self._clock.seconds() * 1000) if self._clock is not None else None
         for record in list(self.records.values()):
-            if record.state == "live":
-                size = len(self.files.get(record.storage, b""))
+            if record.state == LIVE:
+                size = self._sizes(record.storage) if self._sizes is not None else record.size
                 self.records[record.id] = replace(
-                    record, state=INTERRUPTED, size=size, finished_ms=self._now_ms(),
-                    reason="Loom stopped while the stream was live",
+                    record, state=INTERRUPTED, size=size, finished_ms=now_ms,
+                    reason=INTERRUPTED_REASON,
                 )
 
-    def _close_storage(self) -> None:
+    def close(self) -> None:
         pass
 
-    def _get_record(self, stream_id):
-        return self.records.get(stream_id)
+    def get(self, stream_id):
+        return self._runners.read(self.records.get, stream_id)
 
-    def _open_data(self, record):
-        return MemoryFile(self.files.setdefault(record.storage, bytearray()))
+    def add(self, record, replace):
+        def add():
+            old = self.records.get(record.id)
+            if old is not None and not replace:
+                raise StreamExists(record.id)
+            self.records[record.id] = record
+            return old.storage if old else None
 
-    def _thd_create(self, record, force):
-        old = self.records.get(record.id)
-        if old is not None and not force:
-            raise StreamExists(record.id)
-        self.records[record.id] = record
-        self.files[record.storage] = bytearray()
-        return MemoryFile(self.files[record.storage]), (old.storage if old else None)
+        return self._runners.catalog(add)
 
-    def _thd_record_end(self, record, state, size, at_ms, reason):
-        current = self.records.get(record.id)
-        if current is None or current.storage != record.storage:
-            return False
-        self.records[record.id] = replace(
-            current, state=state, size=size, finished_ms=at_ms or current.finished_ms,
-            reason=reason,
-        )
-        return True
+    def finish(self, record, state, size, finished_ms, reason):
+        def finish():
+            current = self.records.get(record.id)
+            if current is None or current.storage != record.storage:
+                return False
+            self.records[record.id] = replace(
+                current, state=state, size=size,
+                finished_ms=finished_ms or current.finished_ms, reason=reason,
+            )
+            return True
 
-    def _thd_remove_data(self, storages):
-        for storage in storages:
-            self.files.pop(storage, None)
+        return self._runners.catalog(finish)
 
-    def _thd_mark_clean_shutdown(self):
-        pass
+    def reopen(self, record):
+        def reopen():
+            current = self.records.get(record.id)
+            if current is None or current.storage != record.storage:
+                return False
+            self.records[record.id] = replace(current, state=LIVE, finished_ms=None,
+                                              reason=None)
+            return True
 
-    def _thd_delete(self, streams):
-        storages = []
-        for stream_id, storage in streams:
-            current = self.records.get(stream_id)
-            if current is not None and current.storage == storage:
-                del self.records[stream_id]
-                storages.append(storage)
-        self._thd_remove_data(storages)
-        return storages
+        return self._runners.catalog(reopen)
 
-    def _thd_reopen(self, record):
-        data = self.files.setdefault(record.storage, bytearray())
-        del data[record.size :]
-        self.records[record.id] = replace(record, state="live", finished_ms=None, reason=None)
-        return MemoryFile(data)
+    def delete(self, streams):
+        def delete():
+            storages = []
+            for stream_id, storage in streams:
+                current = self.records.get(stream_id)
+                if current is not None and current.storage == storage:
+                    del self.records[stream_id]
+                    storages.append(storage)
+            return storages
 
-    def _thd_expire(self, before_ms, limit):
-        expired = sorted(
-            (r for r in self.records.values()
-             if r.state != "live" and r.finished_ms is not None and r.finished_ms < before_ms),
-            key=lambda r: r.finished_ms,
-        )[:limit]
-        self._thd_delete([(r.id, r.storage) for r in expired])
-        return [r.id for r in expired]
+        return self._runners.catalog(delete)
 
-    def stream_count(self):
-        return len(self.records)
+    def forget_deletes(self, storages):
+        return self._runners.catalog(lambda: None)
 
-    def _list_records(self, state=None, since_ms=None, until_ms=None, meta=(), before=None,
-                      limit=100):
-        from loom.model import meta_rows
+    def expired(self, before_ms, limit):
+        def expired():
+            old = sorted(
+                (r for r in self.records.values()
+                 if r.state != LIVE and r.finished_ms is not None and r.finished_ms < before_ms),
+                key=lambda r: r.finished_ms,
+            )[:limit]
+            return [(r.id, r.storage) for r in old]
 
+        return self._runners.read(expired)
+
+    def list(self, state=None, since_ms=None, until_ms=None, meta=(), before=None, limit=100):
         def matches(record):
             if state is not None and record.state != state:
                 return False
@@ -148,7 +156,101 @@ class MemoryStore(_StoreBase):
             indexed = {(k, v) for _, k, v in meta_rows(record.id, record.metadata)}
             return all(pair in indexed for pair in meta)
 
-        chosen = sorted(filter(matches, self.records.values()),
-                        key=lambda r: (r.created_ms, r.id), reverse=True)
-        return chosen[:limit]
+        def listing():
+            chosen = sorted(filter(matches, self.records.values()),
+                            key=lambda r: (r.created_ms, r.id), reverse=True)
+            return chosen[:limit]
 
+        return self._runners.read(listing)
+
+    def count(self):
+        return self._runners.read(len, self.records)
+
+    def health(self):
+        return self._runners.read(lambda: None)
+
+    def mark_clean_shutdown(self):
+        return self._runners.catalog(lambda: None)
+
+
+@implementer(IByteLog)
+class MemoryLog:
+    """Streams' bytes in a dictionary of bytearrays, by storage name.
+
+    An append is handed over at once (readers of the file can see it);
+    ``commits`` says when it is confirmed (see the module's docstring).
+    """
+
+    def __init__(self, files: dict | None = None, runners: Runners | None = None,
+                 commits: str = "now"):
+        if commits not in COMMITS:
+            raise ValueError(f"commits must be one of {', '.join(COMMITS)}, not {commits!r}")
+        self.files: dict[str, bytearray] = {} if files is None else files
+        self._runners = runners or InlineRunners()
+        self._commits = commits
+        self.pending: list[Deferred] = []
+
+    def size_of(self, storage: str) -> int:
+        return len(self.files.get(storage, b""))
+
+    def create(self, storage):
+        def create():
+            self.files[storage] = bytearray()
+            return MemoryFile(self.files[storage])
+
+        return self._runners.io(create)
+
+    def reopen(self, storage, size):
+        def reopen():
+            data = self.files.setdefault(storage, bytearray())
+            del data[size:]
+            return MemoryFile(data)
+
+        return self._runners.io(reopen)
+
+    def open(self, storage):
+        return MemoryFile(self.files.setdefault(storage, bytearray()))
+
+    def append(self, file, offset, parts):
+        file.write(parts)
+        if self._commits == "now":
+            return None
+        if self._commits == "later":
+            return self._runners.io(lambda: None)
+        d = Deferred()
+        self.pending.append(d)
+        return d
+
+    def commit(self) -> None:
+        """Commit every append made so far, in order (``commits="manual"``)."""
+        pending, self.pending = self.pending, []
+        for d in pending:
+            d.callback(None)
+
+    def sync(self, file):
+        return self._runners.io(file.thd_sync)
+
+    def sync_many(self, files):
+        return self._runners.io(lambda: None)
+
+    def remove(self, storages):
+        def remove():
+            for storage in storages:
+                self.files.pop(storage, None)
+
+        return self._runners.io(remove)
+
+    def health(self) -> None:
+        pass
+
+
+class MemoryStore(StreamStore):
+    """A stream store in memory: the same contract as DiskStore, for tests."""
+
+    def __init__(self, clock, runners: Runners | None = None, records: dict | None = None,
+                 files: dict | None = None, commits: str = "now", **options):
+        runners = runners or InlineRunners()
+        byte_log = MemoryLog(files, runners, commits)
+        catalog = MemoryCatalog(records, byte_log.size_of, clock, runners)
+        super().__init__(catalog, byte_log, clock, runners, **options)
+        self.records, self.files = catalog.records, byte_log.files

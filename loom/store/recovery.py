@@ -24,10 +24,10 @@ from loom.store.datadir import (
     CATALOG_COMPANIONS,
     create_atomically,
 )
-from loom.store.sqlite import Catalog, CatalogError
+from loom.store.catalog_db import Catalog, CatalogError
 
 if TYPE_CHECKING:
-    from loom.store.disk import DiskStore
+    from loom.store.disk import DataDirectory
 
 log = Logger()
 
@@ -47,8 +47,8 @@ class Recovery:
     or moved to ``quarantine/`` for an operator to look at.
     """
 
-    def __init__(self, store: DiskStore, catalog: Catalog, now_ms: int):
-        self._store = store
+    def __init__(self, directory: DataDirectory, catalog: Catalog, now_ms: int):
+        self._directory = directory
         self._catalog = catalog
         self._now_ms = now_ms
 
@@ -86,14 +86,14 @@ class Recovery:
         if strays:
             raise CatalogMismatch(
                 f"the catalog {self._catalog.path} lists none of the {len(strays)} data files "
-                f"in {self._store.data_dir.child('streams').path}")
+                f"in {self._directory.data_dir.child('streams').path}")
 
     def _finish_deletes(self) -> list[str]:
         """Files whose rows were deleted (or replaced) before a crash: remove them now."""
         pending = self._catalog.pending_deletes()
         for storage in pending:
             try:
-                os.unlink(self._store.data_path(storage).path)
+                os.unlink(self._directory.data_path(storage).path)
                 log.info("removed the data of a deleted stream ({storage})", storage=storage)
             except FileNotFoundError:
                 pass
@@ -104,7 +104,7 @@ class Recovery:
     def _interrupt_live_streams(self) -> None:
         for record in self._catalog.records_in_state("live"):
             try:
-                size = self._store.data_path(record.storage).getsize()
+                size = self._directory.data_path(record.storage).getsize()
             except OSError:
                 size = 0
                 log.warn("stream {stream_id} was live but its data file is missing",
@@ -116,7 +116,7 @@ class Recovery:
 
     def _data_files(self) -> dict[str, str]:
         files = {}
-        for bucket in os.scandir(self._store.data_dir.child("streams").path):
+        for bucket in os.scandir(self._directory.data_dir.child("streams").path):
             if bucket.is_dir(follow_symlinks=False):
                 for entry in os.scandir(bucket.path):
                     if entry.name.endswith(".data") and entry.is_file(follow_symlinks=False):
@@ -146,8 +146,8 @@ class Recovery:
                 log.info("removed {path}: no stream owns it ({size} bytes)",
                          path=path, size=size)
             else:
-                self._store.quarantine.makedirs(ignoreExistingDirectory=True)
-                target = self._store.quarantine.child(os.path.basename(path)).path
+                self._directory.quarantine.makedirs(ignoreExistingDirectory=True)
+                target = self._directory.quarantine.child(os.path.basename(path)).path
                 os.rename(path, target)
                 log.warn("{path} ({size} bytes, stream {stream_id}) belongs to no stream "
                          "in the catalog: moved to {target}",
@@ -171,8 +171,8 @@ class CatalogRebuild:
     REASON = ("rebuilt from its data file by --rebuild-catalog: its metadata and how it "
               "ended were lost")
 
-    def __init__(self, store: DiskStore, now_ms: int):
-        self._store = store
+    def __init__(self, directory: DataDirectory, now_ms: int):
+        self._directory = directory
         self._now_ms = now_ms
 
     def run(self, problem: str) -> None:
@@ -215,18 +215,18 @@ class CatalogRebuild:
             finally:
                 catalog.close()
 
-        create_atomically(self._store.catalog_path, make)
+        create_atomically(self._directory.catalog_path, make)
         shown = ", ".join(record.id for record in records[:20])
         more = f" and {len(records) - 20} more" if len(records) > 20 else ""
         log.warn("rebuilt the catalog {path}: {count} streams restored as interrupted, "
                  "without metadata ({ids}{more}); {empty} empty files removed; {unproven} "
-                 "files moved to quarantine/", path=self._store.catalog_path,
+                 "files moved to quarantine/", path=self._directory.catalog_path,
                  count=len(records), ids=shown or "none", more=more, empty=empty,
                  unproven=len(unproven))
 
     def _files(self) -> list[str]:
         files = []
-        for bucket in os.scandir(self._store.data_dir.child("streams").path):
+        for bucket in os.scandir(self._directory.data_dir.child("streams").path):
             if bucket.is_dir(follow_symlinks=False):
                 for entry in os.scandir(bucket.path):
                     if entry.name.endswith(".data") and entry.is_file(follow_symlinks=False):
@@ -247,21 +247,21 @@ class CatalogRebuild:
             return None
         if new_storage_name(stream_id).partition(".")[0] != encoded:
             return None  # not the encoding Loom writes
-        if self._store.data_path(storage).path != path:
+        if self._directory.data_path(storage).path != path:
             return None  # not in the bucket its name hashes to
         return stream_id
 
     def _quarantine(self, path: str) -> None:
-        self._store.quarantine.makedirs(ignoreExistingDirectory=True)
-        target = self._store.quarantine.child(os.path.basename(path)).path
+        self._directory.quarantine.makedirs(ignoreExistingDirectory=True)
+        target = self._directory.quarantine.child(os.path.basename(path)).path
         os.rename(path, target)
         log.warn("{path} ({size} bytes) proves no stream: moved to {target}",
                  path=path, size=os.stat(target).st_size, target=target)
 
     def _set_old_catalog_aside(self) -> None:
-        aside = self._store.quarantine.child(f"catalog-{self._now_ms}")
+        aside = self._directory.quarantine.child(f"catalog-{self._now_ms}")
         for suffix in ("", *CATALOG_COMPANIONS):
-            path = self._store.catalog_path + suffix
+            path = self._directory.catalog_path + suffix
             if os.path.exists(path):
                 aside.makedirs(ignoreExistingDirectory=True)
                 os.rename(path, aside.child(os.path.basename(path)).path)

@@ -1,479 +1,139 @@
-"""The SQLite catalog: one row per stream, naming its data file, state and size.
+"""SQLiteCatalog: the catalog of one node, a SQLite database beside the stream files.
 
-Every method blocks. The store calls the writing ones from its single catalog
-thread and reads from a separate connection; SQLite's WAL mode lets the two
-work side by side. Writes are committed with ``synchronous=FULL`` so that a
-stream marked complete stays complete after a power loss.
-
-Any SQLite failure (disk full, I/O error, corruption) surfaces as
-``CatalogError``, which the store reports as a storage failure.
-
-Every write first checks that the path still names the file that was opened:
-a catalog deleted or replaced under a running server would otherwise take
-commits that no restart ever sees. A write that keeps the books (how a stream
-ended, a deletion, start-up marks) may ask ``make_room`` for space once when
-it fails, and is tried again if room was made (see loom.store.datadir.SpaceReserve).
+Writes go through one connection in the catalog thread, in order; reads go
+through a connection per reader thread (SQLite's WAL mode lets them run beside
+the writer), so a listing over hundreds of thousands of streams never runs on
+the reactor thread. The connections themselves, and start-up, belong to the
+data directory (loom.store.disk); this is the ICatalog the stream store uses.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import sqlite3
+import threading
 from typing import Callable
-from urllib.parse import quote
 
-from loom.errors import StreamExists
-from loom.model import STATES, StreamRecord, meta_rows
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
 
-SCHEMA_VERSION = 3
-
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS streams (
-    id          TEXT PRIMARY KEY,
-    storage     TEXT NOT NULL UNIQUE,
-    metadata    TEXT NOT NULL,
-    state       TEXT NOT NULL CHECK (state IN {STATES!r}),
-    size        INTEGER NOT NULL DEFAULT 0 CHECK (size >= 0),
-    created_ms  INTEGER NOT NULL,
-    finished_ms INTEGER,
-    reason      TEXT
-);
-CREATE INDEX IF NOT EXISTS streams_by_state ON streams (state);
-CREATE TABLE IF NOT EXISTS settings (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-"""
-
-# Version 3: metadata filters answered by an index, listing and retention by
-# indexes, and deletions that survive a crash between the row and the file.
-_SCHEMA_V3 = """
-CREATE TABLE IF NOT EXISTS stream_meta (
-    stream_id TEXT NOT NULL,
-    key       TEXT NOT NULL,
-    value     TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS stream_meta_by_value ON stream_meta (key, value, stream_id);
-CREATE INDEX IF NOT EXISTS stream_meta_by_stream ON stream_meta (stream_id);
-CREATE INDEX IF NOT EXISTS streams_by_created ON streams (created_ms, id);
-CREATE INDEX IF NOT EXISTS streams_by_finished ON streams (finished_ms);
-CREATE TABLE IF NOT EXISTS pending_deletes (
-    storage TEXT PRIMARY KEY
-);
-"""
+from loom.errors import Unavailable
+from loom.model import StreamRecord
+from loom.store.catalog_db import Catalog, CatalogError
+from loom.store.interfaces import ICatalog
 
 
-class CatalogError(Exception):
-    """The catalog database failed (disk full, I/O error, corruption)."""
+@implementer(ICatalog)
+class SQLiteCatalog:
+    """``writer()`` gives the writing connection (raising CatalogError while there is
+    none); ``open_reader()`` makes a reading one; ``check`` raises Unavailable when the
+    catalog cannot be used (deleted under the server, start-up unfinished); ``open`` and
+    ``close`` open and close the database (the data directory's start-up and end);
+    ``before_clean_shutdown`` raises CatalogError when no clean shutdown may be recorded."""
 
+    def __init__(self, runners, writer: Callable[[], Catalog],
+                 open_reader: Callable[[], Catalog], check: Callable[[], None],
+                 open: Callable[[], None], close: Callable[[], None],
+                 before_clean_shutdown: Callable[[], None] | None = None):
+        self._runners = runners
+        self._writer = writer
+        self._open_reader = open_reader
+        self._check = check
+        self._open_database = open
+        self._close_database = close
+        self._before_clean_shutdown = before_clean_shutdown
+        self._readers: list[Catalog] = []
+        self._local = threading.local()
+        self._generation = 0  # bumped when the database's connections are renewed
+        self._lock = threading.Lock()
 
-class CatalogGone(CatalogError):
-    """The catalog's path no longer names the file this connection opened."""
-
-
-class NotACatalog(CatalogError):
-    """The file opened as the catalog holds no streams table (empty or not Loom's)."""
-
-
-_COLUMNS = "id, storage, metadata, state, size, created_ms, finished_ms, reason"
-_PLACEHOLDERS = ", ".join("?" * len(_COLUMNS.split(", ")))
-
-
-def _guarded(method):
-    """Turn sqlite3 failures into CatalogError with the operation named."""
-
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except sqlite3.Error as e:
-            raise CatalogError(f"catalog {method.__name__} failed: {e}") from e
-
-    wrapper.__name__ = method.__name__
-    wrapper.__doc__ = method.__doc__
-    return wrapper
-
-
-def _writes(keeps_books: bool):
-    """A catalog write: refused with CatalogGone once the file was deleted or
-    replaced; if ``keeps_books``, tried once more after ``make_room`` made room."""
-
-    def decorate(method):
-        @functools.wraps(method)
-        def wrapper(self, *args, **kwargs):
-            self.check_in_place()
-            try:
-                return method(self, *args, **kwargs)
-            except sqlite3.Error as e:
-                if not (keeps_books and self._make_room is not None and self._make_room()):
-                    raise CatalogError(f"catalog {method.__name__} failed: {e}") from e
-            try:
-                return method(self, *args, **kwargs)
-            except sqlite3.Error as e:
-                raise CatalogError(f"catalog {method.__name__} failed: {e}") from e
-
-        return wrapper
-
-    return decorate
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        status = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return status.st_dev, status.st_ino
-
-
-class Catalog:
-    """A connection to the catalog database at ``path``.
-
-    ``create`` lets SQLite make the file (and the schema) if there is none;
-    without it a missing file fails and a file with no streams table raises
-    NotACatalog. ``immutable`` (read-only) reads the file without SQLite's
-    shared-memory file, for a disk too full to hold one, and is only right
-    when no write-ahead log holds commits. ``make_room`` is asked for space
-    when a bookkeeping write fails.
-    """
-
-    def __init__(self, path: str, *, readonly: bool = False, create: bool = True,
-                 immutable: bool = False, make_room: Callable[[], bool] | None = None):
-        self.path = path
-        self._make_room = make_room
-        self._db = None
-        try:
-            self._open(readonly, create, immutable)
-        except sqlite3.Error as e:
-            self.close()
-            raise CatalogError(f"catalog __init__ failed: {e}") from e
-        except CatalogError:
-            self.close()
-            raise
-
-    def _open(self, readonly: bool, create: bool, immutable: bool) -> None:
-        if immutable:
-            mode = "ro&immutable=1"
-        else:
-            mode = "rwc" if create else "rw"
-        self._db = sqlite3.connect(
-            f"file:{quote(os.path.abspath(self.path))}?mode={mode}", uri=True,
-            isolation_level=None, check_same_thread=False, timeout=10.0,
-        )
-        # The file this connection holds: writes stop if the path ever names another.
-        self._identity = _identity(self.path)
-        self._db.execute("PRAGMA busy_timeout = 10000")
-        if not readonly:
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
-            self._migrate(create)
-        else:
-            self._db.execute("PRAGMA query_only = ON")
-            if not create and not self._has_streams_table():
-                raise NotACatalog(f"the catalog {self.path} holds no streams table")
-
-    def _has_streams_table(self) -> bool:
-        return self._db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'streams'"
-        ).fetchone() is not None
-
-    def in_place(self) -> bool:
-        """Whether the catalog's path still names the file this connection opened."""
-        return self._identity is not None and _identity(self.path) == self._identity
-
-    def check_in_place(self) -> None:
-        if not self.in_place():
-            raise CatalogGone(f"the catalog file {self.path} was deleted or replaced "
-                              "while Loom was running")
-
-    def _migrate(self, create: bool) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        exists = self._has_streams_table()
-        if not exists and not create:
-            raise NotACatalog(f"the catalog {self.path} holds no streams table")
-        if exists and version < 2:
-            # Version 1 had no reason column and no 'damaged' state; SQLite
-            # cannot alter a CHECK constraint, so the table is rebuilt.
-            with _transaction(self._db):
-                self._db.execute("ALTER TABLE streams RENAME TO streams_v1")
-                self._db.executescript(_SCHEMA.replace("IF NOT EXISTS ", ""))
-                self._db.execute(
-                    "INSERT INTO streams (id, storage, metadata, state, size, created_ms, "
-                    "finished_ms) SELECT id, storage, metadata, state, size, created_ms, "
-                    "finished_ms FROM streams_v1"
-                )
-                self._db.execute("DROP TABLE streams_v1")
-        else:
-            self._db.executescript(_SCHEMA)
-        self._db.executescript(_SCHEMA_V3)  # (executescript commits: not in a transaction)
-        if exists and version < 3:
-            with _transaction(self._db):
-                rows = self._db.execute("SELECT id, metadata FROM streams").fetchall()
-                self._db.execute("DELETE FROM stream_meta")
-                self._db.executemany(
-                    "INSERT INTO stream_meta VALUES (?, ?, ?)",
-                    [row for stream_id, text in rows for row in meta_rows(stream_id, text)],
-                )
-        if version != SCHEMA_VERSION:
-            # Only when it changes: on a full disk, every needless write can fail.
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    def open(self) -> None:
+        self._open_database()
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
+        self.renew_readers()
+        self._close_database()
 
-    @_guarded
-    def get(self, stream_id: str) -> StreamRecord | None:
-        row = self._db.execute(
-            f"SELECT {_COLUMNS} FROM streams WHERE id = ?", (stream_id,)
-        ).fetchone()
-        return StreamRecord(*row) if row else None
+    def renew_readers(self) -> None:
+        """Close every reading connection; each thread opens a new one when it next reads."""
+        with self._lock:
+            readers, self._readers = self._readers, []
+            self._generation += 1
+        for reader in readers:
+            reader.close()
 
-    @_guarded
-    def records_in_state(self, state: str) -> list[StreamRecord]:
-        rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM streams WHERE state = ?", (state,)
-        ).fetchall()
-        return [StreamRecord(*row) for row in rows]
+    def _reader(self) -> Catalog:
+        """This thread's reading connection."""
+        local = self._local
+        if getattr(local, "generation", None) != self._generation:
+            reader = self._open_reader()
+            with self._lock:
+                self._readers.append(reader)
+                local.reader, local.generation = reader, self._generation
+        return local.reader
 
-    @_guarded
-    def all_sizes(self) -> list[tuple[str, str, int, str]]:
-        """(id, storage, size, state) of every stream: what reconciliation checks."""
-        return self._db.execute("SELECT id, storage, size, state FROM streams").fetchall()
+    def _read(self, method: str, *args, **kwargs) -> Deferred:
+        return self._runners.read(lambda: getattr(self._reader(), method)(*args, **kwargs))
 
-    @_writes(keeps_books=False)
-    def insert(self, record: StreamRecord) -> None:
-        """Add a new stream; StreamExists if its id is taken."""
-        try:
-            with _transaction(self._db):
-                self._db.execute(
-                    f"INSERT INTO streams ({_COLUMNS}) VALUES ({_PLACEHOLDERS})",
-                    _values(record),
-                )
-                self._insert_meta(record)
-        except sqlite3.IntegrityError:
-            if self.get(record.id) is not None:
-                raise StreamExists(record.id) from None
-            raise
+    def _write(self, method: str, *args) -> Deferred:
+        return self._runners.catalog(lambda: getattr(self._writer(), method)(*args))
 
-    @_writes(keeps_books=False)
-    def insert_all(self, records: list[StreamRecord]) -> None:
-        """Add many new streams in one transaction (a rebuilt catalog)."""
-        with _transaction(self._db):
-            for record in records:
-                self._db.execute(
-                    f"INSERT INTO streams ({_COLUMNS}) VALUES ({_PLACEHOLDERS})",
-                    _values(record),
-                )
-                self._insert_meta(record)
+    # reading
 
-    def _insert_meta(self, record: StreamRecord) -> None:
-        self._db.executemany(
-            "INSERT INTO stream_meta VALUES (?, ?, ?)", meta_rows(record.id, record.metadata)
-        )
+    def get(self, stream_id: str) -> Deferred:
+        return self._read("get", stream_id)
 
-    @_writes(keeps_books=False)
-    def replace(self, record: StreamRecord) -> str | None:
-        """Put ``record`` in place of any stream with its id, in one transaction.
+    def list(self, state=None, since_ms=None, until_ms=None, meta=(), before=None,
+             limit=100) -> Deferred:
+        return self._read("list", state=state, since_ms=since_ms, until_ms=until_ms, meta=meta,
+                          before=before, limit=limit)
 
-        Returns the storage name of the stream it replaced, if there was one,
-        so the caller can delete that file once the new row is committed.
-        """
-        with _transaction(self._db):
-            old = self.get(record.id)
-            self._db.execute("DELETE FROM streams WHERE id = ?", (record.id,))
-            self._db.execute("DELETE FROM stream_meta WHERE stream_id = ?", (record.id,))
-            if old is not None:
-                # Until its file is gone, the old data is a pending delete.
-                self._db.execute("INSERT OR IGNORE INTO pending_deletes VALUES (?)",
-                                 (old.storage,))
-            self._db.execute(
-                f"INSERT INTO streams ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", _values(record)
-            )
-            self._insert_meta(record)
-        return old.storage if old else None
+    def count(self) -> Deferred:
+        return self._read("count")
 
-    @_writes(keeps_books=True)
-    def finish(
-        self,
-        stream_id: str,
-        storage: str,
-        state: str,
-        size: int,
-        finished_ms: int | None,
-        reason: str | None = None,
-    ) -> bool:
-        """Record how a stream ended; False if the row now belongs to a newer stream."""
-        cursor = self._db.execute(
-            "UPDATE streams SET state = ?, size = ?, finished_ms = coalesce(?, finished_ms), "
-            "reason = ? WHERE id = ? AND storage = ?",
-            (state, size, finished_ms, reason, stream_id, storage),
-        )
-        return cursor.rowcount == 1
+    def health(self) -> Deferred:
+        def check():
+            self._check()
+            try:
+                self._reader().usable()
+            except CatalogError as e:
+                raise Unavailable(f"The catalog cannot be read: {e}") from e
 
-    @_writes(keeps_books=False)
-    def reopen(self, stream_id: str, storage: str) -> bool:
-        """A resumed stream is live again; False if the row now belongs to another stream."""
-        cursor = self._db.execute(
-            "UPDATE streams SET state = 'live', finished_ms = NULL, reason = NULL "
-            "WHERE id = ? AND storage = ?",
-            (stream_id, storage),
-        )
-        return cursor.rowcount == 1
+        return self._runners.read(check)
 
-    @_writes(keeps_books=True)
-    def delete(self, streams: list[tuple[str, str]]) -> list[str]:
-        """Delete (id, storage) streams in one transaction; return the storages deleted.
+    # writing
 
-        Each storage is recorded as a pending delete, so that its file is
-        removed even if the process dies before it gets to it.
-        """
-        deleted = []
-        with _transaction(self._db):
-            for stream_id, storage in streams:
-                cursor = self._db.execute(
-                    "DELETE FROM streams WHERE id = ? AND storage = ?", (stream_id, storage)
-                )
-                if cursor.rowcount == 1:
-                    self._db.execute("DELETE FROM stream_meta WHERE stream_id = ?", (stream_id,))
-                    self._db.execute("INSERT OR IGNORE INTO pending_deletes VALUES (?)",
-                                     (storage,))
-                    deleted.append(storage)
-        return deleted
+    def add(self, record: StreamRecord, replace: bool) -> Deferred:
+        def add():
+            writer = self._writer()
+            if replace:
+                return writer.replace(record)
+            writer.insert(record)  # StreamExists if the id is taken
+            return None
 
-    @_guarded
-    def pending_deletes(self) -> list[str]:
-        return [row[0] for row in self._db.execute("SELECT storage FROM pending_deletes")]
+        return self._runners.catalog(add)
 
-    @_writes(keeps_books=True)
-    def forget_pending_deletes(self, storages: list[str]) -> None:
-        """The files of ``storages`` are gone."""
-        self._db.executemany("DELETE FROM pending_deletes WHERE storage = ?",
-                             [(storage,) for storage in storages])
+    def finish(self, record: StreamRecord, state: str, size: int, finished_ms: int | None,
+               reason: str | None) -> Deferred:
+        return self._write("finish", record.id, record.storage, state, size, finished_ms, reason)
 
-    @_guarded
-    def expired(self, before_ms: int, limit: int) -> list[tuple[str, str]]:
-        """(id, storage) of finished streams that ended before ``before_ms``, oldest first."""
-        return self._db.execute(
-            "SELECT id, storage FROM streams WHERE state != 'live' AND finished_ms < ? "
-            "ORDER BY finished_ms LIMIT ?",
-            (before_ms, limit),
-        ).fetchall()
+    def reopen(self, record: StreamRecord) -> Deferred:
+        return self._write("reopen", record.id, record.storage)
 
-    @_guarded
-    def list(
-        self,
-        state: str | None = None,
-        since_ms: int | None = None,
-        until_ms: int | None = None,
-        meta: tuple[tuple[str, str], ...] = (),
-        before: tuple[int, str] | None = None,
-        limit: int = 100,
-    ) -> list[StreamRecord]:
-        """Streams matching every filter, newest first, at most ``limit``.
+    def delete(self, streams: list[tuple[str, str]]) -> Deferred:
+        return self._write("delete", streams)
 
-        ``before`` is a (created_ms, id) cursor: only streams strictly older
-        are listed, so pages stay stable while new streams are created.
-        Metadata filters go through the stream_meta index.
-        """
-        where, parameters = [], []
-        if state is not None:
-            where.append("state = ?")
-            parameters.append(state)
-        if since_ms is not None:
-            where.append("created_ms >= ?")
-            parameters.append(since_ms)
-        if until_ms is not None:
-            where.append("created_ms < ?")
-            parameters.append(until_ms)
-        for key, value in meta:
-            where.append("id IN (SELECT stream_id FROM stream_meta WHERE key = ? AND value = ?)")
-            parameters += [key, value]
-        if before is not None:
-            where.append("(created_ms < ? OR (created_ms = ? AND id < ?))")
-            parameters += [before[0], before[0], before[1]]
-        sql = f"SELECT {_COLUMNS} FROM streams"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_ms DESC, id DESC LIMIT ?"
-        rows = self._db.execute(sql, (*parameters, limit)).fetchall()
-        return [StreamRecord(*row) for row in rows]
+    def forget_deletes(self, storages: list[str]) -> Deferred:
+        return self._write("forget_pending_deletes", storages)
 
-    def explain_list(self, **filters) -> str:
-        """SQLite's plan for a listing query (for tests: the indexes are used)."""
-        saved, self._db = self._db, _Explaining(self._db)
-        try:
-            self.list(**filters)
-            return self._db.plan
-        finally:
-            self._db = saved
+    def expired(self, before_ms: int, limit: int) -> Deferred:
+        return self._write("expired", before_ms, limit)
 
-    @_guarded
-    def usable(self) -> None:
-        """Raise CatalogError unless the database answers a query."""
-        self._db.execute("SELECT 1 FROM streams LIMIT 1").fetchall()
+    def mark_clean_shutdown(self) -> Deferred:
+        def mark():
+            if self._before_clean_shutdown is not None:
+                self._before_clean_shutdown()
+            self._writer().set_setting("clean_shutdown", "1")
 
-    @_guarded
-    def count(self) -> int:
-        return self._db.execute("SELECT count(*) FROM streams").fetchone()[0]
-
-    @_guarded
-    def integrity_problems(self) -> list[str]:
-        """What ``PRAGMA quick_check`` finds wrong; empty when the database is sound."""
-        rows = self._db.execute("PRAGMA quick_check").fetchall()
-        return [] if rows == [("ok",)] else [row[0] for row in rows]
-
-    @_guarded
-    def get_setting(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
-
-    @_writes(keeps_books=True)
-    def set_setting(self, key: str, value: str) -> None:
-        self._db.execute(
-            "INSERT INTO settings (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
+        return self._runners.catalog(mark)
 
 
-def _values(record: StreamRecord) -> tuple:
-    return (
-        record.id,
-        record.storage,
-        record.metadata,
-        record.state,
-        record.size,
-        record.created_ms,
-        record.finished_ms,
-        record.reason,
-    )
 
-
-class _Explaining:
-    """Runs a query's EXPLAIN QUERY PLAN instead of the query."""
-
-    def __init__(self, db):
-        self._db = db
-        self.plan = ""
-
-    def execute(self, sql, parameters=()):
-        rows = self._db.execute("EXPLAIN QUERY PLAN " + sql, parameters).fetchall()
-        self.plan = "\n".join(row[-1] for row in rows)
-        return self._db.execute("SELECT 1 WHERE 0")
-
-
-class _transaction:
-    def __init__(self, db: sqlite3.Connection):
-        self._db = db
-
-    def __enter__(self):
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind, value, traceback):
-        if not kind:
-            self._db.execute("COMMIT")
-        elif self._db.in_transaction:
-            # SQLite may already have rolled back (a full disk does that): then
-            # a ROLLBACK would fail and hide the error that matters.
-            self._db.execute("ROLLBACK")
-        return False

@@ -1,22 +1,27 @@
-"""Where blocking work runs: a catalog thread, an I/O pool; inline under test fakes."""
+"""Where blocking work runs: off the reactor thread, in pools named for what they do.
+
+* **catalog**: one thread, the catalog's only writer (SQLite takes one writer at
+  a time; one thread keeps its commits in order);
+* **read**: a few threads for catalog reads (opening a finished stream, listing,
+  counting, health), so a slow query never stalls a follower or a producer;
+* **io**: file syncs, file creation and removal.
+
+Under test fakes the same work runs inline, at once (``InlineRunners``).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.logger import Logger
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
-
-
-log = Logger()
-
-
-# --- where blocking work runs ---------------------------------------------
 
 
 class Runners(Protocol):
     def catalog(self, f: Callable, *args: Any) -> Deferred: ...
+
+    def read(self, f: Callable, *args: Any) -> Deferred: ...
 
     def io(self, f: Callable, *args: Any) -> Deferred: ...
 
@@ -26,29 +31,30 @@ class Runners(Protocol):
 
 
 class ThreadRunners:
-    """Catalog writes in one dedicated thread (one SQLite writer); file syncs in a pool."""
+    """The three pools, started and stopped with the store."""
 
-    def __init__(self, reactor, io_threads: int = 4):
+    def __init__(self, reactor, io_threads: int = 4, read_threads: int = 2):
         self._reactor = reactor
         self._catalog = ThreadPool(1, 1, name="loom-catalog")
+        self._read = ThreadPool(1, read_threads, name="loom-read")
         self._io = ThreadPool(1, io_threads, name="loom-io")
 
     def start(self) -> None:
-        self._catalog.start()
-        self._io.start()
+        for pool in (self._catalog, self._read, self._io):
+            pool.start()
 
     def stop(self) -> None:
-        self._catalog.stop()
-        self._io.stop()
+        for pool in (self._catalog, self._read, self._io):
+            if not pool.joined:
+                pool.stop()
 
     def catalog(self, f, *args):
-        from twisted.internet.threads import deferToThreadPool
-
         return deferToThreadPool(self._reactor, self._catalog, f, *args)
 
-    def io(self, f, *args):
-        from twisted.internet.threads import deferToThreadPool
+    def read(self, f, *args):
+        return deferToThreadPool(self._reactor, self._read, f, *args)
 
+    def io(self, f, *args):
         return deferToThreadPool(self._reactor, self._io, f, *args)
 
 
@@ -67,6 +73,4 @@ class InlineRunners:
         except BaseException:
             return fail()
 
-    io = catalog
-
-
+    read = io = catalog

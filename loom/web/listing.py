@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import re
-from datetime import UTC, datetime
+import time
+from datetime import datetime
 
 from loom.model import STATES, StreamRecord
 from loom.errors import BadRequest, InvalidStreamId
@@ -20,8 +21,8 @@ def iso(ms: int | None) -> str | None:
     """Milliseconds since the epoch as ISO 8601 UTC (``2026-11-26T19:00:30.123Z``)."""
     if ms is None:
         return None
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
 # Times beyond this (in ms since the epoch) fit no SQLite integer: year 9999 is far enough.
@@ -106,29 +107,37 @@ def filters_from(args: dict[bytes, list[bytes]]) -> dict:
     return filters
 
 
-def describe(record: StreamRecord) -> dict:
-    """A stream as the listing shows it."""
-    item = {
-        "id": record.id,
-        "state": record.state,
-        "size": record.size,
-        "created": iso(record.created_ms),
-        "finished": iso(record.finished_ms),
-        "metadata": json.loads(record.metadata),
-    }
-    if record.reason:
-        item["reason"] = record.reason
-    return item
+def describe(record: StreamRecord) -> str:
+    """A stream as the listing shows it: a JSON object, as text.
+
+    Written out directly rather than built as a dict and encoded: a page of a
+    thousand streams is rendered on the reactor thread, and this way costs
+    about a third as much. The metadata is spliced in as stored: the
+    canonical ASCII JSON object ``parse_metadata`` made of it.
+    """
+    reason = f', "reason": {_string(record.reason)}' if record.reason else ""
+    metadata = record.metadata
+    if not metadata.isascii():  # (not written by this Loom: made canonical here)
+        metadata = _string(json.loads(metadata))
+    return (f'{{"id": {_string(record.id)}, "state": "{record.state}", "size": {record.size}, '
+            f'"created": {_time(record.created_ms)}, "finished": {_time(record.finished_ms)}, '
+            f'"metadata": {metadata}{reason}}}')
 
 
-def page(store, args) -> dict:
-    """One page of the listing: ``{"streams": [...], "next": cursor or null}``."""
-    filters = filters_from(args)
+_string = json.JSONEncoder(ensure_ascii=True).encode
+
+
+def _time(ms: int | None) -> str:
+    return "null" if ms is None else f'"{iso(ms)}"'
+
+
+async def page(store, filters: dict) -> bytes:
+    """One page of the listing (``filters`` from filters_from), as a JSON document:
+    ``{"streams": [...], "next": cursor or null}``."""
     limit = filters["limit"]
     # One more than asked tells whether there is a next page.
-    records = store.list_streams(**{**filters, "limit": limit + 1})
+    records = await store.list_streams(**{**filters, "limit": limit + 1})
     shown = records[:limit]
-    return {
-        "streams": [describe(record) for record in shown],
-        "next": encode_cursor(shown[-1]) if len(records) > limit else None,
-    }
+    after = f'"{encode_cursor(shown[-1])}"' if len(records) > limit else "null"
+    streams = ", ".join(map(describe, shown))
+    return f'{{"streams": [{streams}], "next": {after}}}\n'.encode("ascii")

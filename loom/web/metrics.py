@@ -20,7 +20,7 @@ class LoomCollector:
         yield GaugeMetricFamily("loom_streams_live", "Streams whose producer is connected.",
                                 value=len(store.live_streams()))
         yield GaugeMetricFamily("loom_streams", "Streams in the catalog.",
-                                value=store.stream_count())
+                                value=app.stream_count)
         yield CounterMetricFamily("loom_bytes_in", "Bytes stored from producers.",
                                   value=store.bytes_in)
         yield CounterMetricFamily("loom_bytes_out", "Bytes sent to readers (streams and /spy).",

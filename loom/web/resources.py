@@ -2,6 +2,11 @@
 
 Every error is JSON ``{"error": "..."}``. Handlers are plain or ``async``
 methods; ``render_async`` is the one place a coroutine meets a request.
+
+This module is longer than most (about 560 lines): the whole route table, with
+each route's scope and error answers, reads best in one place; what a route
+needs beyond that lives elsewhere (loom.web.ingest, loom.web.listing,
+loom.follow, loom.spy).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from typing import Awaitable, Callable
 
 from prometheus_client.exposition import choose_encoder
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -33,19 +40,47 @@ from loom.metadata import parse_metadata
 from loom.spy import Spy
 from loom.web.auth import BearerAuth, may, require
 from loom.web.ingest import Ingest
-from loom.web.listing import page
+from loom.web.listing import filters_from, page
 from loom.web.metrics import metrics_registry
 from loom.web.query import capped, count, flag, single, strict_flag
-from loom.web.responses import answer_failure, write_error, write_json
+from loom.web.responses import answer_failure, write_error, write_json, write_json_text
 from loom.web.site import SiteCounters
+
+log = Logger()
 
 SERVER_HEADER = f"Loom/{__version__}".encode("ascii")
 
 
-def render_async(request, handler: Callable[[], Awaitable[None]]) -> int:
-    """Run a coroutine handler for ``request``; errors become JSON answers."""
-    Deferred.fromCoroutine(handler()).addErrback(lambda f: answer_failure(request, f))
+def render_async(request, handler: Callable[[], Awaitable[None]],
+                 cancel_on_disconnect: bool = True) -> int:
+    """Run a coroutine handler for ``request``; errors become JSON answers.
+
+    If the client disconnects first, the handler is cancelled where it waits
+    (CancelledError, answered to no one): a change it started in the store
+    must be ``shielded`` so that it runs to its end all the same.
+    """
+    running = Deferred.fromCoroutine(handler())
+    running.addErrback(lambda f: answer_failure(request, f))
+    if cancel_on_disconnect and not running.called:
+        request.notifyFinish().addErrback(lambda _: running.cancel())
     return NOT_DONE_YET
+
+
+def shielded(change: Awaitable) -> Deferred:
+    """Wait for ``change`` (a store operation) such that cancelling the wait does not cancel
+    the change: once begun, it runs to its end, and a failure nobody waits for any more is
+    logged."""
+    work = Deferred.fromCoroutine(change) if not isinstance(change, Deferred) else change
+    waiter: Deferred = Deferred()
+
+    def done(result):
+        if not waiter.called:
+            waiter.callback(result)  # (a Failure goes down the errback chain)
+        elif isinstance(result, Failure) and not result.check(LoomError):
+            log.failure("a change whose client left failed", result)
+
+    work.addBoth(done)
+    return waiter
 
 
 class JsonResource(Resource):
@@ -112,11 +147,11 @@ class RequestSink:
         self._request.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
-        if not self._request._disconnected:
+        if not self._request.gone:
             self._request.unregisterProducer()
 
     def end(self) -> None:
-        if not self._request._disconnected and not self._request.finished:
+        if not self._request.gone and not self._request.finished:
             self._request.finish()
 
     def cut(self) -> None:
@@ -224,7 +259,9 @@ class StreamResource(JsonResource):
         self._check_declared_length(request)
         ingest = Ingest(request, self._app.store, self._app.producer_idle_timeout,
                         respond_at_end(request))
-        return render_async(request, lambda: ingest.run(stream_id, metadata_json, force))
+        # (An ingest whose producer leaves ends its stream itself: see Ingest.body_lost.)
+        return render_async(request, lambda: ingest.run(stream_id, metadata_json, force),
+                            cancel_on_disconnect=False)
 
     def _append(self, request, stream_id: str | None, force: bool):
         if stream_id is None:
@@ -248,7 +285,7 @@ class StreamResource(JsonResource):
                 # The size is for those who may read the stream anyway.
                 raise e if may(request, "read") else e.without_size() from None
 
-        return render_async(request, append)
+        return render_async(request, append, cancel_on_disconnect=False)
 
     def _check_declared_length(self, request) -> None:
         limit = self._app.store.max_stream_bytes
@@ -271,7 +308,15 @@ class StreamResource(JsonResource):
         stream_id = self._stream_id(method)
         notail = flag(request.args, b"notail")
         offset = query_offset(request)
-        handle = self._app.store.open(stream_id)
+        return render_async(request, lambda: self._answer_read(request, method, stream_id,
+                                                               notail, offset))
+
+    async def _answer_read(self, request, method: str, stream_id: str, notail: bool,
+                           offset: int | None) -> None:
+        handle = await self._app.store.open(stream_id)
+        if request.gone:
+            handle.close()
+            return
         try:
             start, end, status = self._plan(request, handle, notail, offset)
         except LoomError:
@@ -297,7 +342,7 @@ class StreamResource(JsonResource):
             handle.close()
             request.write(b"")
             request.finish()
-            return NOT_DONE_YET
+            return
         request.channel.limit_send_buffer(self._app.reader_send_buffer)
         follower = Follower(handle, RequestSink(request), self._app.clock, offset=start,
                             end=end, stall_timeout=self._app.stalled_reader_timeout,
@@ -311,7 +356,6 @@ class StreamResource(JsonResource):
         request.notifyFinish().addBoth(done)
         request.write(b"")  # headers now, even if no byte of the stream exists yet
         follower.start()
-        return NOT_DONE_YET
 
     def _plan(self, request, handle, notail: bool, offset: int | None):
         """(start, end or None to follow live, status) for a read."""
@@ -338,7 +382,7 @@ class StreamResource(JsonResource):
         stream_id = self._stream_id("DELETE")
 
         async def delete():
-            await self._app.store.delete(stream_id)
+            await shielded(self._app.store.delete(stream_id))
             request.setResponseCode(http.NO_CONTENT)
             request.finish()
 
@@ -368,8 +412,12 @@ class StreamListing(AppLeaf):
         require(request, "read")
         if request.postpath and request.postpath != [b""]:
             raise NotFound("There is no such route.")
-        write_json(request, http.OK, page(self._app.store, request.args))
-        return NOT_DONE_YET
+        filters = filters_from(request.args)  # a bad query is answered before any work
+
+        async def answer():
+            write_json_text(request, http.OK, await page(self._app.store, filters))
+
+        return render_async(request, answer)
 
 
 class SpyResource(AppLeaf):
@@ -413,14 +461,16 @@ class HealthResource(AppLeaf):
     """``/health``: 200 when the catalog and the data directory are usable, else 503."""
 
     def render_GET(self, request):
-        try:
-            self._app.store.check_health()
-        except Unavailable as e:
-            write_json(request, http.SERVICE_UNAVAILABLE, {"status": "unavailable",
-                                                           "error": e.message})
-        else:
-            write_json(request, http.OK, {"status": "ok"})
-        return NOT_DONE_YET
+        async def answer():
+            try:
+                await self._app.store.check_health()
+            except Unavailable as e:
+                write_json(request, http.SERVICE_UNAVAILABLE, {"status": "unavailable",
+                                                               "error": e.message})
+            else:
+                write_json(request, http.OK, {"status": "ok"})
+
+        return render_async(request, answer)
 
 
 class MetricsResource(AppLeaf):
@@ -434,10 +484,17 @@ class MetricsResource(AppLeaf):
         # Prometheus 2, newer ones where asked).
         accept = (request.getHeader(b"accept") or b"").decode("latin-1")
         encode, content_type = choose_encoder(accept)
-        body = encode(self._app.registry)
-        request.setHeader(b"Content-Type", content_type.encode("ascii"))
-        request.setHeader(b"Content-Length", b"%d" % len(body))
-        return body
+
+        async def answer():
+            # The catalog is counted off the reactor; the collector reads the figure.
+            self._app.stream_count = await self._app.store.stream_count()
+            body = encode(self._app.registry)
+            request.setHeader(b"Content-Type", content_type.encode("ascii"))
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+
+        return render_async(request, answer)
 
 
 class LoomApp:
@@ -462,6 +519,7 @@ class LoomApp:
         self.reader_send_buffer = reader_send_buffer
         self.followers = 0
         self.spies = 0
+        self.stream_count = 0  # as of the last scrape
         self.errors: collections.Counter = collections.Counter()
         self.site_counters = SiteCounters()  # shared with the LoomSite
         self.registry, fsync = metrics_registry(self)

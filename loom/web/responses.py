@@ -17,6 +17,13 @@ log = Logger()
 def write_json(request, status: int, document: dict, headers: dict | None = None) -> None:
     """Answer with a complete JSON document and finish the request."""
     body = json.dumps(document, ensure_ascii=True).encode("ascii") + b"\n"
+    write_json_text(request, status, body, headers)
+
+
+def write_json_text(request, status: int, body: bytes, headers: dict | None = None) -> None:
+    """Answer with ``body``, a complete JSON document already encoded, and finish."""
+    if request.gone:
+        return  # the client left: nobody to answer
     request.setResponseCode(status)
     for name, value in (headers or {}).items():
         request.setHeader(name.encode("ascii"), value.encode("ascii"))
@@ -32,7 +39,7 @@ def write_error(request, error: LoomError) -> None:
 
 def answer_failure(request, failure: Failure) -> None:
     """Turn a handler's failure into the right answer, whatever state the request is in."""
-    if request._disconnected or request.finished:
+    if request.gone or request.finished:
         if not failure.check(LoomError, CancelledError):
             log.failure("request failed after its client left", failure)
         return

@@ -9,7 +9,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import server
 
-from loom.web.ingest import LoomChannel, LoomRequest
+from loom.web.channel import LoomChannel, LoomRequest
 from loom.web.proxies import TrustedProxies
 
 log = Logger(namespace="loom.access")
@@ -75,6 +75,7 @@ class LoomSite(server.Site):
         counters: SiteCounters | None = None,
         max_connections_per_client: int | None = None,
         trusted_proxies: TrustedProxies | None = None,
+        direct_send: bool = True,
     ):
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.counters = counters or SiteCounters()
@@ -83,6 +84,7 @@ class LoomSite(server.Site):
         self.max_connections_per_client = max_connections_per_client
         self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.max_head_bytes = max_head_bytes
+        self.direct_send = direct_send  # see LoomChannel.send_some
         self.channels: set[LoomChannel] = set()
         self._per_client: dict[str, int] = {}  # open connections by client address
         self._refused_from: set[str] = set()  # addresses told so since they were last served

@@ -10,7 +10,7 @@ import pytest_twisted
 import treq
 
 from loom.store.faults import CRASH_POINTS
-from tests.helpers import child_environment, chunk, raw_connect, start_server_process
+from tests.helpers import chunk, crashing_twistd, raw_connect, start_server_process
 from tests.soak.invariants import check_data_dir
 
 STREAMS = [b"s1", b"s2", b"s3"]
@@ -61,8 +61,7 @@ async def produce_until_the_crash(server) -> dict[bytes, bool]:
 async def test_crash_at_each_point_then_restart(tmp_path, point, n):
     """After a crash at any point, the invariants hold and every clean end is complete."""
     data_dir = tmp_path / "data"
-    server = await start_server_process(
-        data_dir, env=child_environment(LOOM_CRASH_AT=f"{point}:{n}"))
+    server = await start_server_process(data_dir, twistd=crashing_twistd(point, n))
     clean = await produce_until_the_crash(server)
     ended = await server.process.wait()
     assert ended.exit_signal == 9, f"the server did not crash at {point}:{n}"

@@ -9,7 +9,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 
-from loom.populate import populate
+from bench.populate import populate
 from tests.helpers import chunk, guard, raw_connect, start_server_process
 from tests.soak.invariants import check_data_dir
 

@@ -8,6 +8,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
 from tests.helpers import (
+    DIRECT_SEND,
     ChunkPump,
     child_environment,
     dechunk,
@@ -188,6 +189,13 @@ async def test_1000_stalled_readers_cost_a_few_kib_each_and_give_it_back(tmp_pat
           f"({(idle - before) / READERS:.1f} idle + {beyond_idle:.1f} stalled); "
           f"+{(stalled - before) / KiB:.1f} MiB while stalled (peak +{(peak - before) / KiB:.1f}),"
           f" +{(after - before) / KiB:.1f} MiB after they left")
+    if not DIRECT_SEND:
+        # directSend off: each stalled reader's transport holds what Twisted buffers before
+        # it pauses the follower (64 KiB) and one slice (16 KiB) more, as over TLS; and
+        # the C library keeps the freed buffers (measured: +85 KiB per reader, +92 MiB
+        # kept after the thousand left). That is the price of the mode, documented.
+        assert beyond_idle < 64 + 16 + 8
+        return
     assert beyond_idle < 8
     assert per_reader < 32
     # What stalling cost is given back; CPython keeps the arenas that held the readers'

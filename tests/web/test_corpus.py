@@ -13,10 +13,8 @@ import json
 import os
 
 import h11
-import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
-from twisted.logger import globalLogPublisher
 
 from loom.store import stream_id_of_storage
 from tests.helpers import chunk, parse_response, raw_connect, start_server
@@ -161,20 +159,6 @@ def all_cases():
     return [(f"{variant} {method.decode('latin-1')} {route.decode('latin-1')}",
              make(method, route))
             for variant, make in VARIANTS.items() for method in METHODS for route in ROUTES]
-
-
-@pytest.fixture
-def failures():
-    """Log events with a failure (a traceback) while the test runs."""
-    seen = []
-
-    def observe(event):
-        if event.get("log_failure") is not None or event.get("isError"):
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)
 
 
 @pytest_twisted.ensureDeferred

@@ -7,13 +7,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock
-from twisted.web.http import _MalformedChunkedDataError
+from loom.web.chunked import MalformedBody
 
 from loom.buffers import pieces
 from loom.store import DiskStore, InlineRunners
-from loom.web.ingest import _BodyDecoder
+from loom.web.chunked import BodyDecoder as _BodyDecoder
 from tests.helpers import FaultyFileSystem, chunk, guard, raw_connect, start_producer
-from tests.test_store import result
 
 
 def decode(body: bytes, splits, length=None):
@@ -76,7 +75,7 @@ def test_malformed_chunking_delivers_the_good_bytes_then_raises():
     """Bytes before a malformation are delivered; then Twisted's own error is raised."""
     got = []
     decoder = _BodyDecoder(None, lambda parts: got.extend(bytes(p) for p in parts), None)
-    with pytest.raises(_MalformedChunkedDataError):
+    with pytest.raises(MalformedBody):
         decoder.dataReceived(chunk(b"good") + b"zz\r\nbad\r\n")
     assert got == [b"good"]
 
@@ -135,13 +134,14 @@ async def test_reads_grow_for_bulk_bodies_and_shrink_for_trickles(server):
     follower.transport.loseConnection()
 
 
-def test_many_live_streams_are_synced_with_one_syncfs(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_many_live_streams_are_synced_with_one_syncfs(tmp_path):
     """With several dirty streams, one interval costs one syncfs, not an fsync each."""
     faults = FaultyFileSystem()
     clock = Clock()
     store = DiskStore(str(tmp_path), clock, InlineRunners(), fs=faults)
     store.start()
-    streams = [result(store.create(f"s{i}", "{}")) for i in range(5)]
+    streams = [(await store.create(f"s{i}", "{}")) for i in range(5)]
     for stream in streams:
         stream.append(b"data")
     before = faults.calls.get("fsync", 0)
@@ -150,13 +150,14 @@ def test_many_live_streams_are_synced_with_one_syncfs(tmp_path):
     assert all(stream.synced == 4 for stream in streams)
 
 
-def test_a_failed_syncfs_falls_back_to_one_fsync_per_stream(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_a_failed_syncfs_falls_back_to_one_fsync_per_stream(tmp_path):
     """If syncfs fails, each stream is synced on its own, so a failure lands on its stream."""
     faults = FaultyFileSystem()
     clock = Clock()
     store = DiskStore(str(tmp_path), clock, InlineRunners(), fs=faults)
     store.start()
-    streams = [result(store.create(f"s{i}", "{}")) for i in range(3)]
+    streams = [(await store.create(f"s{i}", "{}")) for i in range(3)]
     for stream in streams:
         stream.append(b"data")
 

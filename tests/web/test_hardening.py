@@ -7,13 +7,14 @@ tests/web/test_corpus.py.
 import json
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from loom.config import Token
-from loom.store import DiskStore, InlineRunners
+from loom.store import DiskStore
 from tests.helpers import chunk, cut_off, json_body, make_fake_site, parse_response
-from tests.test_store import read_all
+from loom.testing import ManualRunners, read_all
 
 
 @pytest.fixture
@@ -109,13 +110,14 @@ def test_x_stream_offset_of_any_shape(fake, offset, expected):
     assert status == expected and json_body(body)["error"]
 
 
-def test_a_duplicate_x_stream_offset_is_400(fake):
+@pytest_twisted.ensureDeferred
+async def test_a_duplicate_x_stream_offset_is_400(fake):
     """Two X-Stream-Offset headers are ambiguous: 400, and nothing is appended."""
     status, _, body = answer(fake, b"POST /stream/done?append=true HTTP/1.1\r\nHost: x\r\n"
                                    b"X-Stream-Offset: 10\r\nX-Stream-Offset: 0\r\n"
                                    b"Content-Length: 1\r\n\r\nx")
     assert status == 400 and "X-Stream-Offset" in json_body(body)["error"]
-    assert read_all(fake.store, "done") == (b"0123456789", "complete")
+    assert (await read_all(fake.store, "done")) == (b"0123456789", "complete")
 
 
 def test_a_content_length_of_thousands_of_digits_is_400(fake):
@@ -209,10 +211,11 @@ def test_heads_a_strict_parser_refuses_are_400(fake, head):
     assert [s.id for s in fake.store.live_streams()] == []
 
 
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("method", [b"GET", b"HEAD", b"DELETE", b"PUT", b"OPTIONS", b"FOO"])
 @pytest.mark.parametrize("framing", [b"Content-Length: 100000\r\n",
                                      b"Transfer-Encoding: chunked\r\n"])
-def test_a_body_on_a_method_that_takes_none_is_refused_at_once(fake, method, framing):
+async def test_a_body_on_a_method_that_takes_none_is_refused_at_once(fake, method, framing):
     """A GET (or HEAD, DELETE, ...) with a body is answered 400 as soon as its head is in,
     not after the body has trickled in; the rest of the body is never parsed."""
     channel, transport = send(fake, method + b" /stream/done HTTP/1.1\r\nHost: x\r\n"
@@ -224,7 +227,7 @@ def test_a_body_on_a_method_that_takes_none_is_refused_at_once(fake, method, fra
     assert transport.write_closed  # closing; what else comes is drained
     channel.dataReceived(b"y" * 1000 + b"GET /stream/done HTTP/1.1\r\nHost: x\r\n\r\n")
     assert transport.value().count(b"HTTP/1.1 ") == 1
-    assert read_all(fake.store, "done") == (b"0123456789", "complete")
+    assert (await read_all(fake.store, "done")) == (b"0123456789", "complete")
 
 
 def test_a_body_on_a_get_is_refused_before_auth_would_wait_for_it(tmp_path):
@@ -264,27 +267,12 @@ def test_unknown_paths_under_known_routes_are_404(fake, target):
 # --- malformed first chunk ---------------------------------------------------------------------
 
 
-class CatalogLater(InlineRunners):
-    """Catalog work waits until the test runs it: a stream being created is in flight."""
-
-    def __init__(self):
-        self.pending = []
-
-    def catalog(self, f, *args):
-        d = Deferred()
-        self.pending.append((d, f, args))
-        return d
-
-    def run_all(self):
-        while self.pending:
-            d, f, args = self.pending.pop(0)
-            d.callback(f(*args))
-
-
-def test_a_malformed_first_chunk_while_the_stream_is_made_leaves_nothing(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_a_malformed_first_chunk_while_the_stream_is_made_leaves_nothing(tmp_path):
     """A bad first chunk, found while the stream is still being created: 400, no stream
     left behind, and the same request retried afterwards succeeds."""
-    runners, clock = CatalogLater(), Clock()
+    # Catalog work waits until the test runs it: the stream being created is in flight.
+    runners, clock = ManualRunners(hold=("catalog",)), Clock()
     store = DiskStore(str(tmp_path), clock, runners)
     fake = make_fake_site(store=store, clock=clock)
     channel, transport = send(fake, b"POST /stream/m HTTP/1.1\r\nHost: x\r\n"
@@ -294,16 +282,17 @@ def test_a_malformed_first_chunk_while_the_stream_is_made_leaves_nothing(tmp_pat
     assert status == 400 and transport.value().count(b"HTTP/1.1") == 1
     channel.connectionLost(None)
     runners.run_all()
-    assert store.live_streams() == [] and store.list_streams() == []
+    assert store.live_streams() == [] and (await store.list_streams()) == []
     channel, transport = send(fake, b"POST /stream/m HTTP/1.1\r\nHost: x\r\n"
                                     b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b"good")
                               + b"0\r\n\r\n")
     runners.run_all()
     assert parse_response(transport.value())[0] == 201
-    assert read_all(store, "m") == (b"good", "complete")
+    assert (await read_all(store, "m")) == (b"good", "complete")
 
 
-def test_a_malformed_first_chunk_after_the_201_leaves_nothing(fake):
+@pytest_twisted.ensureDeferred
+async def test_a_malformed_first_chunk_after_the_201_leaves_nothing(fake):
     """A bad first chunk after the 201: the producer is aborted, the empty stream removed,
     and a retry of the same request succeeds."""
     channel, transport = send(fake, b"POST /stream/m HTTP/1.1\r\nHost: x\r\n"
@@ -312,19 +301,20 @@ def test_a_malformed_first_chunk_after_the_201_leaves_nothing(fake):
     channel.dataReceived(b"-1\r\nbad\r\n")
     assert cut_off(transport)
     channel.connectionLost(None)
-    assert [r.id for r in fake.store.list_streams()] == ["done"]
+    assert [r.id for r in (await fake.store.list_streams())] == ["done"]
     _, transport = send(fake, b"POST /stream/m HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
     assert parse_response(transport.value())[0] == 201
-    assert read_all(fake.store, "m") == (b"ok", "complete")
+    assert (await read_all(fake.store, "m")) == (b"ok", "complete")
 
 
-def test_a_malformed_chunk_after_data_keeps_the_data_and_says_why(fake):
+@pytest_twisted.ensureDeferred
+async def test_a_malformed_chunk_after_data_keeps_the_data_and_says_why(fake):
     """A bad chunk after stored data: the stream is aborted, keeps its bytes and its reason."""
     channel, _ = send(fake, b"POST /stream/m HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
                             b"\r\n\r\n" + chunk(b"kept") + b"zz\r\n")
     channel.connectionLost(None)
-    assert read_all(fake.store, "m") == (b"kept", "aborted")
-    assert fake.store.open("m").record.reason == "the request body was malformed"
+    assert (await read_all(fake.store, "m")) == (b"kept", "aborted")
+    assert (await fake.store.open("m")).record.reason == "the request body was malformed"
 
 
 # --- scopes ------------------------------------------------------------------------------------
@@ -347,27 +337,29 @@ def guarded(tmp_path):
     return fake
 
 
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("token, allowed", [
     (b"sekrit-writer", False), (b"sekrit-reader-writer", False), (b"sekrit-replacer", True),
     (b"sekrit-ops", True), (b"sekrit-all", True),
 ])
-def test_force_needs_the_replace_or_admin_scope(guarded, token, allowed):
+async def test_force_needs_the_replace_or_admin_scope(guarded, token, allowed):
     """?force=true destroys a stream: a write-only token gets 403, replace or admin may."""
     status, _, body = answer(guarded, b"POST /stream/done?force=true HTTP/1.1\r\nHost: x\r\n"
                              + authorized(token) + b"Content-Length: 3\r\n\r\nnew")
     if allowed:
         assert status == 201
-        assert read_all(guarded.store, "done") == (b"new", "complete")
+        assert (await read_all(guarded.store, "done")) == (b"new", "complete")
     else:
         assert status == 403 and "replace" in json_body(body)["error"]
-        assert read_all(guarded.store, "done") == (b"keep", "complete")
+        assert (await read_all(guarded.store, "done")) == (b"keep", "complete")
 
 
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("query, status", [
     (b"force=true", 201), (b"force=false", 409), (b"force=1", 400), (b"force=yes", 400),
     (b"force=", 400), (b"force", 400), (b"force=TRUE", 400), (b"force=true&force=true", 400),
 ])
-def test_only_force_true_forces(fake, query, status):
+async def test_only_force_true_forces(fake, query, status):
     """As the original: only force=true replaces; force=false does not; anything else is a
     400 naming the values, never a silent replacement."""
     got, _, body = answer(fake, b"POST /stream/done?" + query + b" HTTP/1.1\r\nHost: x\r\n"
@@ -376,7 +368,7 @@ def test_only_force_true_forces(fake, query, status):
     if status == 400:
         assert "true or false" in json_body(body)["error"] or "once" in json_body(body)["error"]
     expected = b"new" if status == 201 else b"0123456789"
-    assert read_all(fake.store, "done")[0] == expected
+    assert (await read_all(fake.store, "done"))[0] == expected
 
 
 def test_the_size_in_a_416_is_only_for_tokens_that_may_read(guarded):
@@ -392,7 +384,8 @@ def test_the_size_in_a_416_is_only_for_tokens_that_may_read(guarded):
     assert status == 416 and headers["x-stream-size"] == "5"
 
 
-def test_only_the_writing_token_may_take_a_live_stream_over(guarded):
+@pytest_twisted.ensureDeferred
+async def test_only_the_writing_token_may_take_a_live_stream_over(guarded):
     """A take-over of a live stream by another token is 403; by its own, once quiet, 200."""
     channel, _ = send(guarded, b"POST /stream/live HTTP/1.1\r\nHost: x\r\n"
                       + authorized(b"sekrit-reader-writer")
@@ -404,16 +397,17 @@ def test_only_the_writing_token_may_take_a_live_stream_over(guarded):
     assert status == 403 and "another token" in json_body(body)["error"]
     status, _, _ = answer(guarded, append % authorized(b"sekrit-reader-writer"))
     assert status == 200
-    assert read_all(guarded.store, "live") == (b"abcdef", "complete")
+    assert (await read_all(guarded.store, "live")) == (b"abcdef", "complete")
 
 
 # --- a producer of tiny chunks ----------------------------------------------------------------
 
 
-def test_a_read_of_tiny_chunks_is_decoded_a_bounded_batch_per_turn(fake):
+@pytest_twisted.ensureDeferred
+async def test_a_read_of_tiny_chunks_is_decoded_a_bounded_batch_per_turn(fake):
     """One read of 10,240 one-byte chunks is decoded 2,048 chunks per reactor turn, reading
     nothing more meanwhile, so other connections get their turns; every byte is stored."""
-    from loom.web.ingest import _BodyDecoder
+    from loom.web.chunked import BodyDecoder as _BodyDecoder
 
     batch = _BodyDecoder.MAX_CHUNKS_PER_TURN
     channel, transport = send(fake, b"POST /stream/tiny HTTP/1.1\r\nHost: x\r\n"
@@ -428,7 +422,7 @@ def test_a_read_of_tiny_chunks_is_decoded_a_bounded_batch_per_turn(fake):
     assert appends.sizes == [batch] * (len(payload) // batch)
     assert transport.producerState == "producing"
     channel.dataReceived(b"0\r\n\r\n")
-    assert read_all(fake.store, "tiny") == (payload, "complete")
+    assert (await read_all(fake.store, "tiny")) == (payload, "complete")
 
 
 class Appends:
@@ -444,7 +438,8 @@ class Appends:
         pass
 
 
-def test_a_malformed_chunk_in_a_held_back_batch_still_aborts(fake):
+@pytest_twisted.ensureDeferred
+async def test_a_malformed_chunk_in_a_held_back_batch_still_aborts(fake):
     """A bad chunk found in a later turn's batch aborts the producer like any other."""
     channel, transport = send(fake, b"POST /stream/tiny HTTP/1.1\r\nHost: x\r\n"
                                     b"Transfer-Encoding: chunked\r\n\r\n")
@@ -452,14 +447,14 @@ def test_a_malformed_chunk_in_a_held_back_batch_still_aborts(fake):
     fake.clock.advance(0)
     assert cut_off(transport)
     channel.connectionLost(None)
-    assert read_all(fake.store, "tiny") == (b"x" * 3000, "aborted")
+    assert (await read_all(fake.store, "tiny")) == (b"x" * 3000, "aborted")
 
 
 @pytest.mark.parametrize("gone", ["closed", "lost", "none"])
 def test_a_stream_cut_after_its_producer_left_is_no_error(tmp_path, gone):
     """DELETE of a stream whose producer's connection is already gone (its socket closed,
     or its end still being recorded) cuts nothing that is not there: 204, never a 500."""
-    runners, clock = ManualSync(), Clock()
+    runners, clock = ManualRunners(hold=("catalog", "io")), Clock()
     fake = make_fake_site(store=DiskStore(str(tmp_path), clock, runners), clock=clock)
     channel, transport = send(fake, b"POST /stream/gone HTTP/1.1\r\nHost: x\r\n"
                                     b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b"data"))
@@ -474,9 +469,3 @@ def test_a_stream_cut_after_its_producer_left_is_no_error(tmp_path, gone):
     runners.run_all()
     assert deleting.called and deleting.result is None
 
-
-class ManualSync(CatalogLater):
-    """Catalog work and syncs both wait in the queue."""
-
-    def io(self, f, *args):
-        return self.catalog(f, *args)

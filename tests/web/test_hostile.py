@@ -15,7 +15,7 @@ from tests.helpers import (
     raw_connect,
     start_server,
 )
-from tests.test_store import read_all
+from loom.testing import read_all
 
 HOSTILE_IDS = [
     b"..", b".", b"...", b"%2e%2e", b"%2E%2E%2Fetc", b"..%2f..%2fetc%2fpasswd", b"a%2Fb",
@@ -73,7 +73,8 @@ def test_hostile_metadata_gets_4xx_json_and_creates_no_stream(fake, metadata):
     assert fake.store.live_streams() == []
 
 
-def test_many_keys_within_the_limit_are_fine(fake):
+@pytest_twisted.ensureDeferred
+async def test_many_keys_within_the_limit_are_fine(fake):
     """A large but valid object (hundreds of keys, under 8 KiB) is accepted and echoed."""
     metadata = {f"key{i}": i for i in range(500)}
     raw = json.dumps(metadata).encode()
@@ -82,7 +83,7 @@ def test_many_keys_within_the_limit_are_fine(fake):
     channel.dataReceived(b"POST /stream/keys HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
                          b"X-Stream-Metadata: " + raw + b"\r\n\r\n")
     assert parse_response(transport.value())[0] == 201
-    assert json.loads(fake.store.open("keys").metadata_json) == metadata
+    assert json.loads((await fake.store.open("keys")).metadata_json) == metadata
 
 
 SMUGGLING = {
@@ -113,8 +114,9 @@ SMUGGLING = {
 }
 
 
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("name", sorted(SMUGGLING))
-def test_smuggling_attempts_are_refused_and_store_nothing(fake, name):
+async def test_smuggling_attempts_are_refused_and_store_nothing(fake, name):
     """Ambiguous framing is refused before any stream exists; no foreign bytes are stored."""
     channel, transport = fake.connect()
     channel.dataReceived(SMUGGLING[name])
@@ -124,7 +126,7 @@ def test_smuggling_attempts_are_refused_and_store_nothing(fake, name):
     from loom.errors import StreamNotFound
 
     with pytest.raises(StreamNotFound):
-        fake.store.open("s")
+        (await fake.store.open("s"))
 
 
 BAD_CHUNKS = {
@@ -141,8 +143,9 @@ BAD_CHUNKS = {
 }
 
 
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("name", sorted(BAD_CHUNKS))
-def test_malformed_chunk_mid_stream_aborts_and_keeps_only_good_bytes(fake, name):
+async def test_malformed_chunk_mid_stream_aborts_and_keeps_only_good_bytes(fake, name):
     """A malformed chunk after good ones aborts the producer; the stream holds only the good bytes."""
     channel, transport = fake.connect()
     channel.dataReceived(b"POST /stream/c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -153,7 +156,7 @@ def test_malformed_chunk_mid_stream_aborts_and_keeps_only_good_bytes(fake, name)
     assert cut_off(transport), name
     assert transport.value() == before  # nothing spliced into the 201 response
     channel.connectionLost(None)
-    data, state = read_all(fake.store, "c")
+    data, state = (await read_all(fake.store, "c"))
     assert data.startswith(b"good ") and b"EVIL" not in data and b"more" not in data
     assert state == "aborted"
 

@@ -8,10 +8,12 @@ import errno
 import os
 
 import pytest
+import pytest_twisted
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from loom.store import ABORTED, COMPLETE
+from loom.store import ABORTED, COMPLETE, DiskStore
 from tests.helpers import (
     chunk,
     cut_off,
@@ -21,7 +23,7 @@ from tests.helpers import (
     ManualRunners,
     parse_response,
 )
-from tests.test_store import read_all
+from loom.testing import MemoryStore, read_all
 
 POST_CHUNKED = (
     b"POST %s HTTP/1.1\r\nHost: loom\r\nTransfer-Encoding: chunked\r\n%s\r\n"
@@ -39,7 +41,8 @@ def fake(tmp_path):
     return make_fake_site(data_dir=str(tmp_path / "data"))
 
 
-def test_201_is_sent_before_the_body_ends(fake):
+@pytest_twisted.ensureDeferred
+async def test_201_is_sent_before_the_body_ends(fake):
     """Headers plus one chunk get the 201 with id and location while the body is still open."""
     channel, transport = fake.connect()
     channel.dataReceived(post() + chunk(b"first line\n"))
@@ -49,38 +52,41 @@ def test_201_is_sent_before_the_body_ends(fake):
     assert headers["location"] == "/stream/s1"
     assert headers["transfer-encoding"] == "chunked"
     assert body == b""  # the response is open and empty
-    assert read_all(fake.store, "s1") == (b"first line\n", "live")
+    assert (await read_all(fake.store, "s1")) == (b"first line\n", "live")
     channel.dataReceived(chunk(b"second\n"))
-    assert read_all(fake.store, "s1") == (b"first line\nsecond\n", "live")
+    assert (await read_all(fake.store, "s1")) == (b"first line\nsecond\n", "live")
     channel.dataReceived(b"0\r\n\r\n")
     assert transport.value().endswith(b"\r\n\r\n0\r\n\r\n")
-    assert read_all(fake.store, "s1") == (b"first line\nsecond\n", "complete")
+    assert (await read_all(fake.store, "s1")) == (b"first line\nsecond\n", "complete")
     assert not transport.disconnecting  # keep-alive
 
 
-def test_each_chunk_is_stored_before_the_next_is_read(fake):
+@pytest_twisted.ensureDeferred
+async def test_each_chunk_is_stored_before_the_next_is_read(fake):
     """Every chunk is in the stream (handed to the OS) as soon as it has been received."""
     channel, transport = fake.connect()
     channel.dataReceived(post())
     for index in range(50):
         piece = b"%d\n" % index
         channel.dataReceived(chunk(piece))
-        data, _ = read_all(fake.store, "s1")
+        data, _ = (await read_all(fake.store, "s1"))
         assert data.endswith(piece)
 
 
-def test_content_length_body_arriving_in_pieces(fake):
+@pytest_twisted.ensureDeferred
+async def test_content_length_body_arriving_in_pieces(fake):
     """A Content-Length body is stored as it arrives and ends the stream when complete."""
     channel, transport = fake.connect()
     channel.dataReceived(b"POST /stream/cl HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234")
     assert parse_response(transport.value())[0] == 201
-    assert read_all(fake.store, "cl") == (b"01234", "live")
+    assert (await read_all(fake.store, "cl")) == (b"01234", "live")
     channel.dataReceived(b"56789")
-    assert read_all(fake.store, "cl") == (b"0123456789", "complete")
+    assert (await read_all(fake.store, "cl")) == (b"0123456789", "complete")
 
 
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("path", [b"/stream", b"/stream/"])
-def test_post_without_id_gets_a_generated_one(fake, path):
+async def test_post_without_id_gets_a_generated_one(fake, path):
     """POST /stream and POST /stream/ create a stream with a generated id."""
     channel, transport = fake.connect()
     channel.dataReceived(post(path) + chunk(b"x") + b"0\r\n\r\n")
@@ -88,19 +94,21 @@ def test_post_without_id_gets_a_generated_one(fake, path):
     assert status == 201
     assert headers["x-stream-id"].startswith("loom-")
     assert headers["location"] == "/stream/" + headers["x-stream-id"]
-    assert read_all(fake.store, headers["x-stream-id"]) == (b"x", "complete")
+    assert (await read_all(fake.store, headers["x-stream-id"])) == (b"x", "complete")
 
 
-def test_empty_body_creates_an_empty_complete_stream(fake):
+@pytest_twisted.ensureDeferred
+async def test_empty_body_creates_an_empty_complete_stream(fake):
     """A POST with Content-Length: 0 creates a complete, empty stream."""
     channel, transport = fake.connect()
     channel.dataReceived(b"POST /stream/e HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
     status, _, body = parse_response(transport.value())
     assert status == 201 and dechunk(body) == (b"", True)
-    assert read_all(fake.store, "e") == (b"", "complete")
+    assert (await read_all(fake.store, "e")) == (b"", "complete")
 
 
-def test_duplicate_id_is_409_then_the_connection_closes(fake):
+@pytest_twisted.ensureDeferred
+async def test_duplicate_id_is_409_then_the_connection_closes(fake):
     """A taken id answers 409 with the contract's error, stores nothing and closes."""
     channel, transport = fake.connect()
     channel.dataReceived(post() + chunk(b"original") + b"0\r\n\r\n")
@@ -116,12 +124,13 @@ def test_duplicate_id_is_409_then_the_connection_closes(fake):
     # Whatever else the client sends is ignored, even a whole new request.
     channel2.dataReceived(chunk(b"more") + b"0\r\n\r\nGET /stream/s1 HTTP/1.1\r\n\r\n")
     assert transport2.value().count(b"HTTP/1.1") == 1
-    assert read_all(fake.store, "s1") == (b"original", "complete")
+    assert (await read_all(fake.store, "s1")) == (b"original", "complete")
     fake.clock.advance(5)
     assert transport2.disconnecting
 
 
-def test_force_replaces_and_cuts_the_old_producer(fake):
+@pytest_twisted.ensureDeferred
+async def test_force_replaces_and_cuts_the_old_producer(fake):
     """?force=true replaces a live stream: 201 with X-Stream-Replaced, old producer aborted."""
     old_channel, old_transport = fake.connect()
     old_channel.dataReceived(post() + chunk(b"old"))
@@ -132,7 +141,7 @@ def test_force_replaces_and_cuts_the_old_producer(fake):
     assert cut_off(old_transport)  # not a clean end
     assert not old_transport.value().endswith(b"0\r\n\r\n")
     channel.dataReceived(b"0\r\n\r\n")
-    assert read_all(fake.store, "s1") == (b"new", "complete")
+    assert (await read_all(fake.store, "s1")) == (b"new", "complete")
 
 
 def test_expect_100_continue_is_sent_only_when_accepted(fake):
@@ -145,7 +154,8 @@ def test_expect_100_continue_is_sent_only_when_accepted(fake):
     assert transport2.value().startswith(b"HTTP/1.1 409 Conflict")
 
 
-def test_malformed_chunk_mid_body_aborts_instead_of_injecting_a_400(fake):
+@pytest_twisted.ensureDeferred
+async def test_malformed_chunk_mid_body_aborts_instead_of_injecting_a_400(fake):
     """A bad chunk after the 201 aborts the connection; the stream keeps what came before."""
     channel, transport = fake.connect()
     channel.dataReceived(post() + chunk(b"good"))
@@ -154,7 +164,7 @@ def test_malformed_chunk_mid_body_aborts_instead_of_injecting_a_400(fake):
     assert cut_off(transport)
     assert transport.value() == before  # no "400 Bad Request" spliced into the 201
     channel.connectionLost(GONE)
-    assert read_all(fake.store, "s1") == (b"good", "aborted")
+    assert (await read_all(fake.store, "s1")) == (b"good", "aborted")
 
 
 def test_malformed_request_before_any_response_gets_a_json_400(fake):
@@ -166,16 +176,18 @@ def test_malformed_request_before_any_response_gets_a_json_400(fake):
     assert transport.write_closed or transport.disconnecting
 
 
-def test_producer_disconnect_mid_body_aborts_the_stream(fake):
+@pytest_twisted.ensureDeferred
+async def test_producer_disconnect_mid_body_aborts_the_stream(fake):
     """A producer that disconnects mid-body leaves an aborted stream with all its bytes."""
     channel, transport = fake.connect()
     channel.dataReceived(post() + chunk(b"partial "))
     channel.dataReceived(chunk(b"data"))
     channel.connectionLost(GONE)
-    assert read_all(fake.store, "s1") == (b"partial data", ABORTED)
+    assert (await read_all(fake.store, "s1")) == (b"partial data", ABORTED)
 
 
-def test_silent_producer_is_not_cut_off_for_ten_minutes(fake):
+@pytest_twisted.ensureDeferred
+async def test_silent_producer_is_not_cut_off_for_ten_minutes(fake):
     """The 60 s keep-alive idle timeout does not apply while a body streams in."""
     idle_channel, idle_transport = fake.connect()
     fake.clock.advance(61)
@@ -185,7 +197,7 @@ def test_silent_producer_is_not_cut_off_for_ten_minutes(fake):
     fake.clock.advance(600)
     assert not transport.disconnecting  # ...but a quiet producer is not
     channel.dataReceived(chunk(b" end") + b"0\r\n\r\n")
-    assert read_all(fake.store, "s1") == (b"start end", COMPLETE)
+    assert (await read_all(fake.store, "s1")) == (b"start end", COMPLETE)
     fake.clock.advance(61)  # afterwards, keep-alive idleness counts again
     assert transport.disconnecting
 
@@ -218,12 +230,13 @@ def test_invalid_ids_are_400_and_create_nothing(tmp_path, target):
     assert sorted(os.walk(tmp_path)) == before
 
 
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize(
     "metadata, status",
     [(b"{nope", 400), (b'{"a": NaN}', 400), (b'{"a": Infinity}', 400), (b"[1]", 400),
      (b"[" * 3000 + b"]" * 3000, 400), (b'{"a": "' + b"x" * 9000 + b'"}', 413)],
 )
-def test_bad_metadata_is_refused_and_no_stream_is_created(fake, metadata, status):
+async def test_bad_metadata_is_refused_and_no_stream_is_created(fake, metadata, status):
     """Invalid, non-finite, non-object, deep or oversized metadata: 4xx JSON, no stream."""
     channel, transport = fake.connect()
     channel.dataReceived(post(extra=b"X-Stream-Metadata: " + metadata + b"\r\n") + chunk(b"d"))
@@ -233,7 +246,7 @@ def test_bad_metadata_is_refused_and_no_stream_is_created(fake, metadata, status
     from loom.errors import StreamNotFound
 
     with pytest.raises(StreamNotFound):
-        fake.store.open("s1")
+        (await fake.store.open("s1"))
 
 
 def test_pipelined_get_after_a_post_is_answered(fake):
@@ -245,7 +258,8 @@ def test_pipelined_get_after_a_post_is_answered(fake):
     assert responses[2].endswith(b"\r\n\r\nabc")
 
 
-def test_storage_failure_after_201_aborts_the_producer(fake, monkeypatch):
+@pytest_twisted.ensureDeferred
+async def test_storage_failure_after_201_aborts_the_producer(fake, monkeypatch):
     """ENOSPC while appending: the producer's connection is aborted, not ended cleanly."""
     channel, transport = fake.connect()
     channel.dataReceived(post() + chunk(b"ok "))
@@ -258,17 +272,18 @@ def test_storage_failure_after_201_aborts_the_producer(fake, monkeypatch):
     assert cut_off(transport)
     monkeypatch.undo()
     channel.connectionLost(GONE)
-    assert read_all(fake.store, "s1") == (b"ok ", ABORTED)
+    assert (await read_all(fake.store, "s1")) == (b"ok ", ABORTED)
 
 
 def test_fsync_always_stops_reading_until_the_chunk_is_synced(tmp_path):
     """With fsync: always the producer is not read from while a sync is outstanding."""
 
-    fake = make_fake_site(data_dir=str(tmp_path), fsync="always")
-    runners = ManualRunners()
-    fake.store._runners = runners
+    runners, clock = ManualRunners(), Clock()
+    fake = make_fake_site(store=DiskStore(str(tmp_path), clock, runners, fsync="always"),
+                          clock=clock)
     channel, transport = fake.connect()
     channel.dataReceived(post() + chunk(b"one"))
+    runners.run_next()  # the stream's file is made
     assert transport.producerState == "paused" and len(runners.pending) == 1
     runners.run_next()
     assert transport.producerState == "producing"
@@ -276,19 +291,21 @@ def test_fsync_always_stops_reading_until_the_chunk_is_synced(tmp_path):
     assert stream.synced == 3
 
 
-def test_chunk_extensions_and_trailers_are_accepted(fake):
+@pytest_twisted.ensureDeferred
+async def test_chunk_extensions_and_trailers_are_accepted(fake):
     """Chunk extensions and trailer fields do not end up in the stream."""
     channel, transport = fake.connect()
     channel.dataReceived(post() + b"3;name=value\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n")
-    assert read_all(fake.store, "s1") == (b"abc", COMPLETE)
+    assert (await read_all(fake.store, "s1")) == (b"abc", COMPLETE)
 
 
-def test_http_10_producer(fake):
+@pytest_twisted.ensureDeferred
+async def test_http_10_producer(fake):
     """An HTTP/1.0 producer with Content-Length works; the connection closes at the end."""
     channel, transport = fake.connect()
     channel.dataReceived(b"POST /stream/old HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc")
     assert transport.value().startswith(b"HTTP/1.0 201 Created")
-    assert read_all(fake.store, "old") == (b"abc", COMPLETE)
+    assert (await read_all(fake.store, "old")) == (b"abc", COMPLETE)
     assert transport.disconnecting
 
 
@@ -307,7 +324,8 @@ def test_unknown_routes_and_methods_are_json(fake):
     assert parse_response(transport.value())[0] == 404
 
 
-def test_failed_background_sync_aborts_the_producer(fake):
+@pytest_twisted.ensureDeferred
+async def test_failed_background_sync_aborts_the_producer(fake):
     """A failed interval fsync aborts the producer's connection and records the stream aborted."""
     channel, transport = fake.connect()
     channel.dataReceived(post() + chunk(b"data"))
@@ -320,7 +338,7 @@ def test_failed_background_sync_aborts_the_producer(fake):
     fake.clock.advance(1.0)
     assert cut_off(transport)
     channel.connectionLost(GONE)
-    assert read_all(fake.store, "s1") == (b"data", ABORTED)
+    assert (await read_all(fake.store, "s1")) == (b"data", ABORTED)
 
 
 def test_unexpected_errors_are_json_500(fake, monkeypatch):
@@ -331,3 +349,32 @@ def test_unexpected_errors_are_json_500(fake, monkeypatch):
     status, headers, body = parse_response(transport.value())
     assert status == 500 and headers["content-type"] == "application/json"
     assert b"Traceback" not in body and "error" in json_body(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ingest_stops_reading_while_appends_wait_to_be_committed():
+    """A log that confirms appends later (as a networked one does): the producer's
+    connection is not read while an append waits for its confirmation, followers see only
+    confirmed bytes, and the stream ends complete once everything is confirmed."""
+    clock = Clock()
+    store = MemoryStore(clock, commits="manual")
+    fake = make_fake_site(store=store, clock=clock)
+    channel, transport = fake.connect()
+    channel.dataReceived(post() + chunk(b"one;"))
+    assert parse_response(transport.value())[0] == 201
+    assert transport.producerState == "paused"
+    follower, reader = fake.connect()
+    follower.dataReceived(b"GET /stream/s1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert dechunk(parse_response(reader.value())[2]) == (b"", False)
+
+    store.log.commit()
+    assert transport.producerState == "producing"
+    assert dechunk(parse_response(reader.value())[2]) == (b"one;", False)
+
+    channel.dataReceived(chunk(b"two;") + b"0\r\n\r\n")
+    assert transport.producerState == "paused"
+    assert not transport.value().endswith(b"0\r\n\r\n")  # not complete before it is confirmed
+    store.log.commit()
+    assert transport.value().endswith(b"0\r\n\r\n")
+    assert dechunk(parse_response(reader.value())[2]) == (b"one;two;", True)
+    assert await read_all(store, "s1") == (b"one;two;", COMPLETE)

@@ -21,7 +21,7 @@ from tests.helpers import (
     spawn,
     start_server,
 )
-from tests.test_store import read_all
+from loom.testing import read_all
 
 GONE = Failure(ConnectionDone())
 
@@ -204,7 +204,8 @@ def test_content_length_over_the_stream_limit_is_413_before_any_201(tmp_path):
     assert fake.store.live_streams() == []
 
 
-def test_a_stream_reaching_the_limit_is_cut_at_exactly_the_limit(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_a_stream_reaching_the_limit_is_cut_at_exactly_the_limit(tmp_path):
     """A chunked stream is stored up to the limit and not one byte more, then marked aborted."""
     fake = make_fake_site(data_dir=str(tmp_path), max_stream_bytes=100)
     channel, transport = fake.connect()
@@ -212,9 +213,9 @@ def test_a_stream_reaching_the_limit_is_cut_at_exactly_the_limit(tmp_path):
     channel.dataReceived(chunk(b"y" * 60))
     assert cut_off(transport)  # not ended cleanly
     channel.connectionLost(GONE)
-    data, state = read_all(fake.store, "s1")
+    data, state = (await read_all(fake.store, "s1"))
     assert data == b"x" * 60 + b"y" * 40 and state == "aborted"
-    stream_file = fake.store.data_path(fake.store.open("s1").record.storage).path
+    stream_file = fake.store.data_path((await fake.store.open("s1")).record.storage).path
     assert os.path.getsize(stream_file) == 100
     reader, reader_transport = fake.connect()
     reader.dataReceived(b"GET /stream/s1 HTTP/1.1\r\nHost: x\r\n\r\n")

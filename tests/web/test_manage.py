@@ -1,14 +1,20 @@
 """Resume, inspect, manage — through a real channel fed raw bytes (Clock, fakes)."""
 
 import json
+import os
 
 import pytest
+import pytest_twisted
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
+from twisted.internet.task import Clock
+
 from loom.config import Token
+from loom.store import DiskStore
+from loom.testing import ManualRunners
 from tests.helpers import chunk, cut_off, dechunk, json_body, make_fake_site, parse_response
-from tests.test_store import read_all
+from loom.testing import read_all
 
 GONE = Failure(ConnectionDone())
 
@@ -123,21 +129,23 @@ def test_head_has_the_get_headers_size_and_state_but_no_body(fake):
 # --- appending -----------------------------------------------------------------------
 
 
-def test_append_continues_an_aborted_stream(fake):
+@pytest_twisted.ensureDeferred
+async def test_append_continues_an_aborted_stream(fake):
     """POST ?append=true with the right X-Stream-Offset: 200, appended, one stream."""
     producer, _ = produce(fake, b"s", b"part one,", end=False)
     producer.connectionLost(GONE)
-    assert read_all(fake.store, "s") == (b"part one,", "aborted")
+    assert (await read_all(fake.store, "s")) == (b"part one,", "aborted")
     channel, transport = request(fake, b"POST", b"/stream/s?append=true",
                                  b"X-Stream-Offset: 9\r\nTransfer-Encoding: chunked\r\n",
                                  chunk(b" part two") + b"0\r\n\r\n")
     status, headers, _ = parse_response(transport.value())
     assert status == 200 and headers["x-stream-offset"] == "9"
     assert headers["x-stream-id"] == "s"
-    assert read_all(fake.store, "s") == (b"part one, part two", "complete")
+    assert (await read_all(fake.store, "s")) == (b"part one, part two", "complete")
 
 
-def test_append_with_the_wrong_offset_is_416_with_the_size(fake):
+@pytest_twisted.ensureDeferred
+async def test_append_with_the_wrong_offset_is_416_with_the_size(fake):
     """A producer that is wrong about the size learns it from X-Stream-Size; nothing stored."""
     producer, _ = produce(fake, b"s", b"12345", end=False)
     producer.connectionLost(GONE)
@@ -145,7 +153,7 @@ def test_append_with_the_wrong_offset_is_416_with_the_size(fake):
                            b"X-Stream-Offset: 9\r\nContent-Length: 3\r\n", b"xyz")
     status, headers, _ = parse_response(transport.value())
     assert status == 416 and headers["x-stream-size"] == "5"
-    assert read_all(fake.store, "s") == (b"12345", "aborted")
+    assert (await read_all(fake.store, "s")) == (b"12345", "aborted")
 
 
 @pytest.mark.parametrize(
@@ -178,6 +186,30 @@ def test_delete_a_live_stream(fake):
     _, transport = request(fake, b"GET", b"/stream/s")
     assert parse_response(transport.value())[0] == 404
     _, transport = request(fake, b"DELETE", b"/stream/s")
+    assert parse_response(transport.value())[0] == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delete_whose_client_left_still_deletes_and_logs_no_traceback(tmp_path, failures):
+    """The client of a DELETE hangs up while the bytes are being removed: the handler is
+    cancelled where it waits (nobody to answer), the deletion itself runs to its end."""
+    runners = ManualRunners()
+    fake = make_fake_site(store=DiskStore(str(tmp_path), Clock(), runners))
+    produce(fake, b"s", b"data", end=True)
+    while runners.pending:
+        runners.run_next()  # the final sync
+    handle = await fake.store.open("s")
+    path = fake.store.data_path(handle.record.storage)
+    handle.close()
+    channel, transport = request(fake, b"DELETE", b"/stream/s")
+    assert runners.pending and transport.value() == b""  # removing the file waits
+    channel.connectionLost(GONE)
+    while runners.pending:
+        runners.run_next()
+    assert failures == []
+    assert transport.value() == b""
+    assert not path.exists()
+    _, transport = request(fake, b"GET", b"/stream/s")
     assert parse_response(transport.value())[0] == 404
 
 
@@ -230,7 +262,7 @@ def test_health_needs_no_token_and_reports_trouble(tmp_path):
     _, transport = request(fake, b"GET", b"/health")
     status, _, body = parse_response(transport.value())
     assert status == 200 and json_body(body) == {"status": "ok"}
-    fake.store._reader.close()
+    os.unlink(fake.store.catalog_path)  # deleted under the running server
     _, transport = request(fake, b"GET", b"/health")
     status, _, body = parse_response(transport.value())
     assert status == 503 and json_body(body)["status"] == "unavailable"

@@ -4,7 +4,17 @@ import pytest
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from tests.helpers import chunk, cut_off, dechunk, json_body, make_fake_site, parse_response
+from loom.testing import FakeTCPTransport
+from tests.helpers import (
+    chunk,
+    cut_off,
+    dechunk,
+    fake_get,
+    fake_produce,
+    json_body,
+    make_fake_site,
+    parse_response,
+)
 
 GONE = Failure(ConnectionDone())
 
@@ -14,26 +24,10 @@ def fake(tmp_path):
     return make_fake_site(data_dir=str(tmp_path))
 
 
-def produce(fake, stream_id=b"s1", data=b"", end=True, metadata=None):
-    channel, transport = fake.connect()
-    extra = b"X-Stream-Metadata: " + metadata + b"\r\n" if metadata else b""
-    channel.dataReceived(
-        b"POST /stream/" + stream_id + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-        + extra + b"\r\n" + (chunk(data) if data else b"") + (b"0\r\n\r\n" if end else b"")
-    )
-    return channel, transport
-
-
-def get(fake, target=b"/stream/s1", transport=None):
-    channel, transport = fake.connect(transport)
-    channel.dataReceived(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
-    return channel, transport
-
-
 def test_finished_stream_is_served_whole_with_headers(fake):
     """A finished stream: 200, Content-Length, octet-stream, metadata and state headers."""
-    produce(fake, data=b"all the data", metadata='{"name": "b\u00fcild"}'.encode())
-    _, transport = get(fake)
+    fake_produce(fake, data=b"all the data", metadata='{"name": "b\u00fcild"}'.encode())
+    _, transport = fake_get(fake)
     status, headers, body = parse_response(transport.value())
     assert status == 200 and body == b"all the data"
     assert headers["content-length"] == "12"
@@ -44,8 +38,8 @@ def test_finished_stream_is_served_whole_with_headers(fake):
 
 def test_live_stream_sends_history_then_live_then_a_clean_end(fake):
     """A live stream: what exists, each new chunk as it comes, then the final chunk."""
-    producer, _ = produce(fake, data=b"history\n", end=False)
-    _, transport = get(fake)
+    producer, _ = fake_produce(fake, data=b"history\n", end=False)
+    _, transport = fake_get(fake)
     status, headers, body = parse_response(transport.value())
     assert status == 200 and headers["x-stream-state"] == "live"
     assert "content-length" not in headers and headers["transfer-encoding"] == "chunked"
@@ -59,15 +53,15 @@ def test_live_stream_sends_history_then_live_then_a_clean_end(fake):
 
 def test_headers_are_sent_at_once_for_an_empty_live_stream(fake):
     """A follower of a live stream with no data yet gets its headers immediately."""
-    produce(fake, end=False)
-    _, transport = get(fake)
+    fake_produce(fake, end=False)
+    _, transport = fake_get(fake)
     assert parse_response(transport.value())[0] == 200
 
 
 def test_notail_returns_what_exists_now_with_content_length(fake):
     """?notail on a live stream: current content, Content-Length, ends at once."""
-    producer, _ = produce(fake, data=b"so far", end=False)
-    _, transport = get(fake, b"/stream/s1?notail")
+    producer, _ = fake_produce(fake, data=b"so far", end=False)
+    _, transport = fake_get(fake, b"/stream/s1?notail")
     status, headers, body = parse_response(transport.value())
     assert status == 200 and body == b"so far" and headers["content-length"] == "6"
     assert headers["x-stream-state"] == "live"
@@ -77,7 +71,7 @@ def test_notail_returns_what_exists_now_with_content_length(fake):
 
 def test_unknown_stream_is_404_with_the_contract_error(fake):
     """An unknown id: 404 and the original service's error text."""
-    _, transport = get(fake, b"/stream/ghost")
+    _, transport = fake_get(fake, b"/stream/ghost")
     status, _, body = parse_response(transport.value())
     assert status == 404
     assert json_body(body) == {"error": "The stream with ID ghost does not exist"}
@@ -85,8 +79,8 @@ def test_unknown_stream_is_404_with_the_contract_error(fake):
 
 def test_aborted_producer_cuts_followers_without_the_final_chunk(fake):
     """When the producer disconnects, followers get every byte then a closed connection."""
-    producer, _ = produce(fake, data=b"partial", end=False)
-    _, transport = get(fake)
+    producer, _ = fake_produce(fake, data=b"partial", end=False)
+    _, transport = fake_get(fake)
     producer.connectionLost(GONE)
     body = parse_response(transport.value())[2]
     assert dechunk(body) == (b"partial", False)
@@ -95,8 +89,8 @@ def test_aborted_producer_cuts_followers_without_the_final_chunk(fake):
 
 def test_follower_is_a_push_producer_that_stops_when_the_transport_is_full(fake):
     """A consumer that stops reading pauses its follower: nothing more is buffered for it."""
-    producer, _ = produce(fake, end=False)
-    channel, transport = get(fake)
+    producer, _ = fake_produce(fake, end=False)
+    channel, transport = fake_get(fake)
     follower = channel._requestProducer
     assert follower is not None
     channel.pauseProducing()  # what the TCP transport does when its buffer is full
@@ -112,8 +106,8 @@ def test_follower_is_a_push_producer_that_stops_when_the_transport_is_full(fake)
 
 def test_follower_leaving_unsubscribes(fake):
     """A follower whose client disconnects is removed from the stream at once."""
-    produce(fake, end=False)
-    channel, _ = get(fake)
+    fake_produce(fake, end=False)
+    channel, _ = fake_get(fake)
     stream = fake.store.live_streams()[0]
     assert stream.listener_count == 1
     channel.connectionLost(GONE)
@@ -122,6 +116,47 @@ def test_follower_leaving_unsubscribes(fake):
 
 def test_get_on_the_collection_is_405(fake):
     """GET /stream is not a stream: 405 with Allow: POST."""
-    _, transport = get(fake, b"/stream")
+    _, transport = fake_get(fake, b"/stream")
     status, headers, _ = parse_response(transport.value())
     assert status == 405 and headers["allow"] == "POST"
+
+
+class BreakingTransport(FakeTCPTransport):
+    """A reader's transport that raises on every write once ``broken``: a bug anywhere
+    between a follower (or a spy) and its socket."""
+
+    broken = False
+
+    def write(self, data):
+        if self.broken:
+            raise RuntimeError("the reader's transport broke")
+        super().write(data)
+
+    def writeSequence(self, data):
+        if self.broken:
+            raise RuntimeError("the reader's transport broke")
+        super().writeSequence(data)
+
+
+@pytest.mark.parametrize("target", [b"/stream/s1", b"/spy"])
+def test_a_reader_whose_writes_raise_is_dropped_alone(fake, failures, target):
+    """A follower or spy client that raises while being handed a chunk is logged and
+    dropped; the producer goes on, and the readers after it get every byte."""
+    producer, producer_transport = fake_produce(fake, data=b"history\n", end=False)
+    _, broken = fake_get(fake, target, transport=BreakingTransport())
+    _, follower = fake_get(fake)
+    _, spy = fake_get(fake, b"/spy")
+    broken.broken = True
+    producer.dataReceived(chunk(b"live\n"))
+    producer.dataReceived(chunk(b"more\n"))
+    assert cut_off(broken)
+    assert len(failures) == 1 and "dropped" in failures[0]["log_format"]
+    assert not cut_off(producer_transport) and not cut_off(follower)
+    producer.dataReceived(b"0\r\n\r\n")
+    assert parse_response(producer_transport.value())[0] == 201
+    assert producer_transport.value().endswith(b"0\r\n\r\n")  # a clean end: complete
+    assert dechunk(parse_response(follower.value())[2]) == (b"history\nlive\nmore\n", True)
+    spied = dechunk(parse_response(spy.value())[2])[0]
+    assert b"s1 | live\n" in spied and b"s1 | more\n" in spied
+    _, transport = fake_get(fake)
+    assert parse_response(transport.value())[1]["x-stream-state"] == "complete"

@@ -7,6 +7,7 @@ through a real LoomChannel, on a Clock.
 import errno
 
 import pytest
+import pytest_twisted
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
@@ -19,7 +20,7 @@ from tests.helpers import (
     make_fake_site,
     parse_response,
 )
-from tests.test_store import read_all
+from loom.testing import read_all
 
 AT_END = b"X-Stream-Respond: at-end\r\n"
 
@@ -34,23 +35,25 @@ def fake(tmp_path):
     return make_fake_site(data_dir=str(tmp_path / "data"))
 
 
-def test_the_201_comes_whole_once_the_body_is_stored(fake):
+@pytest_twisted.ensureDeferred
+async def test_the_201_comes_whole_once_the_body_is_stored(fake):
     """Nothing is answered while the body streams (it is stored live); then 201, ended."""
     channel, transport = fake.connect()
     channel.dataReceived(post(extra=AT_END) + chunk(b"first\n"))
     channel.dataReceived(chunk(b"second\n"))
     assert transport.value() == b""
-    assert read_all(fake.store, "s1") == (b"first\nsecond\n", "live")
+    assert (await read_all(fake.store, "s1")) == (b"first\nsecond\n", "live")
     channel.dataReceived(b"0\r\n\r\n")
     status, headers, body = parse_response(transport.value())
     assert status == 201
     assert headers["x-stream-id"] == "s1" and headers["location"] == "/stream/s1"
     assert dechunk(body) == (b"", True)
-    assert read_all(fake.store, "s1") == (b"first\nsecond\n", COMPLETE)
+    assert (await read_all(fake.store, "s1")) == (b"first\nsecond\n", COMPLETE)
     assert not transport.disconnecting  # keep-alive, as with the early 201
 
 
-def test_a_generated_id_is_told_at_the_end(fake):
+@pytest_twisted.ensureDeferred
+async def test_a_generated_id_is_told_at_the_end(fake):
     """POST /stream with at-end: the generated id arrives with the 201, at the end."""
     channel, transport = fake.connect()
     channel.dataReceived(post(b"/stream", AT_END) + chunk(b"x"))
@@ -58,7 +61,7 @@ def test_a_generated_id_is_told_at_the_end(fake):
     channel.dataReceived(b"0\r\n\r\n")
     status, headers, _ = parse_response(transport.value())
     assert status == 201 and headers["x-stream-id"].startswith("loom-")
-    assert read_all(fake.store, headers["x-stream-id"]) == (b"x", COMPLETE)
+    assert (await read_all(fake.store, headers["x-stream-id"])) == (b"x", COMPLETE)
 
 
 def test_100_continue_still_goes_out_when_the_stream_exists(fake):
@@ -70,7 +73,8 @@ def test_100_continue_still_goes_out_when_the_stream_exists(fake):
     assert transport.value().startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created")
 
 
-def test_a_stream_cut_before_its_answer_gets_a_cut_201(fake, monkeypatch):
+@pytest_twisted.ensureDeferred
+async def test_a_stream_cut_before_its_answer_gets_a_cut_201(fake, monkeypatch):
     """Storing fails before the answer: the 201's headers go out, then the response is cut
     (no last chunk), as for a producer that had its 201 at once: not a proxy's 502."""
     channel, transport = fake.connect()
@@ -86,7 +90,7 @@ def test_a_stream_cut_before_its_answer_gets_a_cut_201(fake, monkeypatch):
     assert status == 201 and headers["x-stream-id"] == "s1"
     assert cut_off(transport) and dechunk(body) == (b"", False)
     channel.connectionLost(Failure(ConnectionDone()))
-    assert read_all(fake.store, "s1") == (b"kept ", ABORTED)
+    assert (await read_all(fake.store, "s1")) == (b"kept ", ABORTED)
 
 
 def test_a_replaced_stream_cuts_its_waiting_producer(fake):
@@ -110,7 +114,8 @@ def test_http_10_cut_before_the_answer_is_reset(fake):
     assert transport.disconnected  # reset, never closed as if complete
 
 
-def test_an_append_is_answered_200_at_the_end(fake):
+@pytest_twisted.ensureDeferred
+async def test_an_append_is_answered_200_at_the_end(fake):
     """A resumed stream's 200 (with X-Stream-Offset) is held back the same way."""
     channel, _ = fake.connect()
     channel.dataReceived(post() + chunk(b"12345"))
@@ -122,10 +127,11 @@ def test_an_append_is_answered_200_at_the_end(fake):
     channel.dataReceived(b"0\r\n\r\n")
     status, headers, _ = parse_response(transport.value())
     assert status == 200 and headers["x-stream-offset"] == "5"
-    assert read_all(fake.store, "s1") == (b"12345678", COMPLETE)
+    assert (await read_all(fake.store, "s1")) == (b"12345678", COMPLETE)
 
 
-def test_http_10_at_end_answers_then_closes(fake):
+@pytest_twisted.ensureDeferred
+async def test_http_10_at_end_answers_then_closes(fake):
     """HTTP/1.0 (nginx with proxy_http_version 1.0): the 201 at the end, then the close."""
     channel, transport = fake.connect()
     channel.dataReceived(b"POST /stream/old HTTP/1.0\r\nContent-Length: 6\r\n" + AT_END
@@ -134,7 +140,7 @@ def test_http_10_at_end_answers_then_closes(fake):
     channel.dataReceived(b"def")
     assert transport.value().startswith(b"HTTP/1.0 201 Created")
     assert transport.disconnecting
-    assert read_all(fake.store, "old") == (b"abcdef", COMPLETE)
+    assert (await read_all(fake.store, "old")) == (b"abcdef", COMPLETE)
 
 
 @pytest.mark.parametrize("value", [b"at-once", b"AT-ONCE"])

@@ -14,9 +14,16 @@ import pytest
 from twisted.internet import tcp
 from twisted.internet.testing import MemoryReactorClock
 
-from loom.web.ingest import _SLICE
-from tests.helpers import FakeTCPTransport, chunk, dechunk, make_fake_site, parse_response
-from tests.web.test_read import get, produce
+from loom.web.channel import SLICE as _SLICE
+from tests.helpers import (
+    chunk,
+    dechunk,
+    fake_get,
+    fake_produce,
+    FakeTCPTransport,
+    make_fake_site,
+    parse_response,
+)
 
 # All the server may queue in user space for a stalled reader of a chunked response:
 # the rest of a chunk's head ("%x\r\n") or of the CRLF that ends a chunk.
@@ -24,9 +31,20 @@ FRAMING = 12
 GUARD_SECONDS = 10.0
 
 
-@pytest.fixture
-def fake(tmp_path):
-    return make_fake_site(data_dir=str(tmp_path))
+@pytest.fixture(params=[True, False], ids=["direct-send", "no-direct-send"])
+def fake(tmp_path, request):
+    """A site with the direct send on (the default) and off: each promise below is checked
+    both ways, with the bound each way has (see ``held_back``)."""
+    return make_fake_site(data_dir=str(tmp_path), direct_send=request.param)
+
+
+def held_back(fake, transport) -> int:
+    """The most the server may queue in user space for a stalled reader: only framing when
+    it sends to the socket directly; else what Twisted's transport buffers before pausing
+    the follower (its buffer size), one slice more, and framing (the TLS fallback)."""
+    if fake.site.direct_send:
+        return FRAMING
+    return transport.bufferSize + _SLICE + FRAMING
 
 
 def tcp_reader(fake):
@@ -56,7 +74,9 @@ def queued(transport) -> int:
 
 def run_writes(transport, reactor) -> None:
     """What the reactor does for a transport waiting to write, while its socket is writable."""
-    while transport in reactor.getWriters() and select.select([], [transport.socket], [], 0)[1]:
+    poller = select.poll()  # not select(): a long run may hold descriptors above 1023
+    poller.register(transport.socket, select.POLLOUT)
+    while transport in reactor.getWriters() and poller.poll(0):
         transport.doWrite()
 
 
@@ -70,10 +90,36 @@ def read_available(client, into: bytearray) -> None:
         into += data
 
 
+@pytest.mark.parametrize("direct_send", [True, False])
+def test_the_direct_send_can_be_switched_off(tmp_path, direct_send):
+    """With the direct send on, a follower's bytes go to the socket as they are handed over;
+    off (directSend: false), they wait in Twisted's transport for the reactor's next write."""
+    fake = make_fake_site(data_dir=str(tmp_path), direct_send=direct_send)
+    producer, _ = fake_produce(fake, end=False)
+    client, channel, transport, reactor = tcp_reader(fake)
+    channel.dataReceived(b"GET /stream/s1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    run_writes(transport, reactor)  # the response's head
+    received = bytearray()
+    read_available(client, received)
+    producer.dataReceived(chunk(b"a line\n"))
+    if direct_send:
+        assert queued(transport) == 0 and transport not in reactor.getWriters()
+    else:
+        assert queued(transport) > 0 and transport in reactor.getWriters()
+        run_writes(transport, reactor)
+    poller = select.poll()
+    poller.register(client, select.POLLIN)
+    assert poller.poll(GUARD_SECONDS * 1000)
+    read_available(client, received)
+    assert received.endswith(b"\r\na line\n\r\n")
+    client.close()
+
+
 def test_a_reader_whose_socket_is_full_is_handed_no_stream_bytes(fake):
     """While a reader's socket takes nothing, its follower waits, paused, at its offset: the
-    transport holds no stream bytes, however much the stream grows."""
-    producer, _ = produce(fake, end=False)
+    transport holds no stream bytes (with the direct send; without it, at most its own
+    buffer and a slice), however much the stream grows."""
+    producer, _ = fake_produce(fake, end=False)
     client, channel, transport, reactor = tcp_reader(fake)
     channel.dataReceived(b"GET /stream/s1 HTTP/1.1\r\nHost: x\r\n\r\n")
     follower = channel._requestProducer
@@ -82,17 +128,17 @@ def test_a_reader_whose_socket_is_full_is_handed_no_stream_bytes(fake):
         producer.dataReceived(chunk(rng.randbytes(65536)))
         run_writes(transport, reactor)
     assert follower.offset < 40 * 65536  # the socket is full: the reader stalled
-    assert queued(transport) <= FRAMING
+    assert queued(transport) <= held_back(fake, transport)
     assert transport in reactor.getWriters()  # waiting for the socket, not for more data
     producer.dataReceived(chunk(b"more"))
-    assert queued(transport) <= FRAMING
+    assert queued(transport) <= held_back(fake, transport)
     client.close()
 
 
 def test_a_stalled_reader_that_reads_again_gets_every_byte_in_order(fake):
     """A reader stalled again and again, with chunks cut anywhere by a full socket, gets
     exactly the stream and a clean end; nothing but framing is ever queued for it."""
-    producer, _ = produce(fake, end=False)
+    producer, _ = fake_produce(fake, end=False)
     client, channel, transport, reactor = tcp_reader(fake)
     channel.dataReceived(b"GET /stream/s1 HTTP/1.1\r\nHost: x\r\n\r\n")
     rng = random.Random(2)
@@ -102,17 +148,20 @@ def test_a_stalled_reader_that_reads_again_gets_every_byte_in_order(fake):
         producer.dataReceived(chunk(piece))
         sent += piece
         run_writes(transport, reactor)
-        assert queued(transport) <= FRAMING
+        assert queued(transport) <= held_back(fake, transport)
         if index % 30 == 29:
             read_available(client, received)  # the reader takes a little now and then
             run_writes(transport, reactor)
     producer.dataReceived(b"0\r\n\r\n")
+    poller = select.poll()
+    poller.register(client, select.POLLIN)
+    poller.register(transport.socket, select.POLLOUT)
     while not received.endswith(b"\r\n0\r\n\r\n"):
-        ready = select.select([client], [transport.socket], [], GUARD_SECONDS)
-        assert ready != ([], [], []), "neither readable nor writable: the response is stuck"
+        ready = poller.poll(GUARD_SECONDS * 1000)
+        assert ready, "neither readable nor writable: the response is stuck"
         read_available(client, received)
         run_writes(transport, reactor)
-        assert queued(transport) <= FRAMING
+        assert queued(transport) <= held_back(fake, transport)
     status, _, body = parse_response(bytes(received))
     assert status == 200 and dechunk(body) == (bytes(sent), True)
     client.close()
@@ -150,8 +199,8 @@ def _cuts(size: int) -> list[int]:
 def test_a_chunk_cut_anywhere_is_completed_before_anything_else(fake, size, cut, rest_in):
     """Wherever the connection cuts a response chunk (in its head, payload or CRLF), the
     rest is sent first when offered again, at once or in pieces: the wire decodes exactly."""
-    produce(fake, end=False)
-    channel, _ = get(fake)
+    fake_produce(fake, end=False)
+    channel, _ = fake_get(fake)
     request = channel.requests[0]
     recorder = _WireRecorder(cut)
     channel.send_some, channel.write_framing = recorder.send_some, recorder.write_framing
@@ -194,9 +243,9 @@ def test_a_transport_that_is_not_plain_tcp_holds_one_slice_past_its_pause_thresh
     """Over TLS and the like, a stalled reader's transport holds at most its 64 KiB threshold
     and one slice more; once the reader reads again it gets the whole stream."""
     data = random.Random(3).randbytes(1024 * 1024)
-    producer, _ = produce(fake, data=data, end=False)
+    producer, _ = fake_produce(fake, data=data, end=False)
     transport = PausingTransport()
-    get(fake, transport=transport)
+    fake_get(fake, transport=transport)
     head = transport.value().index(b"\r\n\r\n") + 4
     assert transport.paused and len(transport.value()) - head <= 65536 + _SLICE + FRAMING
     received = bytearray(transport.drain())

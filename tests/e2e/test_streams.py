@@ -6,11 +6,13 @@ import time
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import gatherResults
 from twisted.web.client import ResponseFailed
 
 from tests.helpers import (
     chunk,
+    CURL,
+    Follow,
     guard,
     raw_connect,
     run,
@@ -18,42 +20,6 @@ from tests.helpers import (
     start_producer,
     start_server,
 )
-
-CURL = ["/usr/bin/curl", "--silent", "--show-error"]
-
-
-class Follow:
-    """A treq follower that records every chunk with its arrival time."""
-
-    def __init__(self):
-        self.chunks: list[tuple[float, bytes]] = []
-        self._waiters: list[tuple[int, Deferred]] = []
-        self.done: Deferred | None = None
-
-    @property
-    def data(self) -> bytes:
-        return b"".join(c for _, c in self.chunks)
-
-    def received(self, data: bytes) -> None:
-        self.chunks.append((time.monotonic(), data))
-        for item in list(self._waiters):
-            size, d = item
-            if len(self.data) >= size:
-                self._waiters.remove(item)
-                d.callback(time.monotonic())
-
-    def until(self, size: int) -> Deferred:
-        d = Deferred()
-        self._waiters.append((size, d))
-        self.received(b"")
-        return guard(d)
-
-    async def start(self, url: str, **kwargs):
-        response = await treq.get(url, unbuffered=True, **kwargs)
-        self.response = response
-        self.done = treq.collect(response, self.received)
-        return response
-
 
 @pytest_twisted.ensureDeferred
 async def test_201_arrives_while_the_body_is_still_open(server):

@@ -14,20 +14,20 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory
 
 from tests.helpers import (
-    REPO,
-    TWISTD,
     child_environment,
+    ErrorPage,
+    Follow,
     guard,
     make_tls_files,
     program,
     raw_connect,
+    REPO,
     run,
     spawn,
     start_producer,
     start_server,
+    TWISTD,
 )
-from tests.test_client import ErrorPage
-from tests.test_e2e import Follow
 
 STREAM = [sys.executable, str(REPO / "bin" / "stream")]
 SPY = [sys.executable, str(REPO / "bin" / "spy")]

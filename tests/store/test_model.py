@@ -10,17 +10,25 @@ import os
 import shutil
 import tempfile
 
+import pytest_twisted
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
 from loom.errors import StorageFailed, StreamCut, StreamExists
 from loom.store import DiskStore, InlineRunners
-from tests.helpers import FaultyFileSystem
-from tests.test_store import read_all, result
+from loom.testing import FaultyFileSystem, crash, read_all
 
 IDS = st.sampled_from(["a", "b", "c"])
+
+
+def wait(awaitable):
+    """The result of a store call (a Deferred or a coroutine), letting the reactor run until
+    it is there: Hypothesis's rules are plain functions."""
+    d = awaitable if isinstance(awaitable, Deferred) else ensureDeferred(awaitable)
+    return pytest_twisted.blockon(d)
 
 
 class StoreModel(RuleBasedStateMachine):
@@ -38,7 +46,7 @@ class StoreModel(RuleBasedStateMachine):
         self.store.start()
 
     def teardown(self):
-        self.store._close_storage()
+        crash(self.store)
         shutil.rmtree(self.path, ignore_errors=True)
 
     @rule(stream_id=IDS, force=st.booleans(), disk_full=st.booleans())
@@ -46,7 +54,7 @@ class StoreModel(RuleBasedStateMachine):
         if disk_full:
             self.fs.fail("open", 1, errno.ENOSPC)
         try:
-            stream = result(self.store.create(stream_id, "{}", force))
+            stream = wait(self.store.create(stream_id, "{}", force))
         except StreamExists:
             assert stream_id in self.model and not force
             return
@@ -99,19 +107,19 @@ class StoreModel(RuleBasedStateMachine):
     def _end(self, stream_id, how):
         stream = self.live.pop(stream_id)
         try:
-            result(stream.complete() if how == "complete" else stream.abort())
+            wait(stream.complete() if how == "complete" else stream.abort())
             self.model[stream_id]["state"] = "complete" if how == "complete" else "aborted"
         except (StorageFailed, StreamCut):
             self.model[stream_id]["state"] = "aborted"
 
     @rule()
     def crash_and_reopen(self):
-        self.store._close_storage()  # kill -9: nothing orderly happens
+        crash(self.store)  # kill -9: nothing orderly happens
         self._restarted()
 
     @rule()
     def clean_restart(self):
-        result(self.store.stop())
+        wait(self.store.stop())
         self._restarted()
 
     def _restarted(self):
@@ -123,7 +131,8 @@ class StoreModel(RuleBasedStateMachine):
     @invariant()
     def every_stream_reads_as_the_model_says(self):
         for stream_id, expected in self.model.items():
-            assert read_all(self.store, stream_id) == (bytes(expected["data"]), expected["state"])
+            assert wait(read_all(self.store, stream_id)) == (bytes(expected["data"]),
+                                                              expected["state"])
 
 
 StoreModel.TestCase.settings = settings(

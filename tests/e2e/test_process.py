@@ -11,18 +11,19 @@ import pytest_twisted
 import treq
 
 from tests.helpers import (
-    REPO,
-    TWISTD,
-    ChunkPump,
     child_environment,
     chunk,
+    ChunkPump,
+    CURL,
+    Follow,
     raw_connect,
+    REPO,
     run,
     spawn,
     start_producer,
     start_server_process,
+    TWISTD,
 )
-from tests.test_e2e import CURL, Follow
 
 MiB = 1024 * 1024
 

@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
@@ -37,8 +38,9 @@ CHUNKS_2 = [b"p2-%d;" % i for i in range(4)]
 
 def run_scenario(tmp_path, faults: FaultyFileSystem, arm=None):
     """Two producers write while faults may strike; return what happened, for the checks."""
-    clock_store = DiskStore(str(tmp_path), None, InlineRunners(), fs=faults)
-    fake = make_fake_site(store=_with_clock(clock_store))
+    clock = Clock()
+    fake = make_fake_site(store=DiskStore(str(tmp_path), clock, InlineRunners(), fs=faults),
+                          clock=clock)
     done, done_transport = fake.connect()
     done.dataReceived(b"POST /stream/done HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\nbaseline")
     assert done_transport.value().endswith(b"0\r\n\r\n")
@@ -68,15 +70,7 @@ def run_scenario(tmp_path, faults: FaultyFileSystem, arm=None):
     return fake, outcomes
 
 
-def _with_clock(store):
-    from twisted.internet.task import Clock
-
-    store._clock = Clock()
-    store._new_id.__init__(store._clock)
-    return store
-
-
-def check_invariants(fake, outcomes, label):
+async def check_invariants(fake, outcomes, label):
     store = fake.store
     for name, (transport, sent) in outcomes.items():
         raw = transport.value()
@@ -98,7 +92,7 @@ def check_invariants(fake, outcomes, label):
             assert cut_off(transport), (label, name)
             assert state != "complete", (label, name)
             assert body == sent[:size], (label, name)
-        record = store.open(name).record
+        record = (await store.open(name)).record
         on_disk = os.path.getsize(store.data_path(record.storage).path)
         assert on_disk == size, (label, name, on_disk, size)  # exactly what reached the disk
     channel, reader = fake.connect()
@@ -108,11 +102,13 @@ def check_invariants(fake, outcomes, label):
 
 def count_calls(tmp_path) -> dict[str, int]:
     faults = FaultyFileSystem()
-    run_scenario(tmp_path / "dry-run", faults, arm=lambda: faults.calls.clear())
+    fake, _ = run_scenario(tmp_path / "dry-run", faults, arm=lambda: faults.calls.clear())
+    fake.close()
     return dict(faults.calls)
 
 
-def test_every_write_sync_and_create_failing_in_turn_keeps_the_promises(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_every_write_sync_and_create_failing_in_turn_keeps_the_promises(tmp_path):
     """ENOSPC and EIO on each write, fsync and file creation in turn: every invariant holds."""
     calls = count_calls(tmp_path)
     assert calls["write"] >= 14 and calls["fsync"] >= 4 and calls["open"] >= 2, calls
@@ -131,13 +127,14 @@ def test_every_write_sync_and_create_failing_in_turn_keeps_the_promises(tmp_path
                         arm=lambda f=faults, o=op, a=at, e=error: f.fail(o, a, e),
                     )
                     assert faults.failures, f"{label}: the fault never struck"
-                    check_invariants(fake, outcomes, label)
+                    (await check_invariants(fake, outcomes, label))
                     # Space is back: a new stream works without a restart.
                     faults.heal()
                     channel, transport = fake.connect()
                     channel.dataReceived(b"POST /stream/after HTTP/1.1\r\nHost: x\r\n"
                                          b"Content-Length: 5\r\n\r\nfresh")
                     assert transport.value().endswith(b"0\r\n\r\n"), label
+                    fake.close()
                     scenarios += 1
     finally:
         globalLogPublisher.removeObserver(observer)

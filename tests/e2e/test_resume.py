@@ -13,16 +13,17 @@ from twisted.internet.task import deferLater
 from loom.client import Busy, LoomClient, ServerAborted, SizeMismatch, StreamNotFound
 from loom.store import TAKEOVER_QUIET
 from tests.helpers import (
-    REPO,
+    body,
     chunk,
     guard,
+    open_push,
     raw_connect,
+    REPO,
     spawn,
     start_producer,
     start_server,
     start_server_process,
 )
-from tests.test_client import body, open_push
 
 STREAM = [sys.executable, str(REPO / "bin" / "stream")]
 

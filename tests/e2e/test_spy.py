@@ -14,7 +14,8 @@ from tests.helpers import (
     start_producer,
     start_server_process,
 )
-from tests.test_process import MiB
+
+MiB = 1024 * 1024
 
 
 @pytest_twisted.ensureDeferred

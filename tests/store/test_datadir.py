@@ -13,9 +13,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from loom.store.datadir import DataDirectoryError
 from loom.errors import StorageFailed, StreamNotFound, Unavailable
 from loom.store import DiskStore, InlineRunners, new_storage_name
-from tests.helpers import TWISTD, chunk, spawn, start_producer, start_server_process
-from tests.test_e2e import Follow
-from tests.test_store import read_all, result
+from tests.helpers import chunk, Follow, spawn, start_producer, start_server_process, TWISTD
+from loom.testing import crash, read_all
 
 
 def open_store(path, **options):
@@ -56,10 +55,11 @@ def files_in(directory) -> list[str]:
 # --- one server per data directory --------------------------------------------------
 
 
-def test_a_second_store_on_a_directory_in_use_touches_nothing(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_a_second_store_on_a_directory_in_use_touches_nothing(tmp_path):
     """A second store on a locked directory refuses before recovery; the live stream goes on."""
     first = open_store(tmp_path / "data")
-    stream = result(first.create("live", "{}"))
+    stream = (await first.create("live", "{}"))
     stream.append(b"before;")
     with pytest.raises(DataDirectoryError) as caught:
         open_store(tmp_path / "data")
@@ -67,10 +67,10 @@ def test_a_second_store_on_a_directory_in_use_touches_nothing(tmp_path):
     assert str(tmp_path / "data") in str(caught.value)
     assert row_state(tmp_path / "data", "live") == "live"
     stream.append(b"after;")
-    result(stream.complete())
-    assert read_all(first, "live") == (b"before;after;", "complete")
-    first._close_storage()  # the first process is gone: its lock with it
-    assert read_all(open_store(tmp_path / "data"), "live") == (b"before;after;", "complete")
+    (await stream.complete())
+    assert (await read_all(first, "live")) == (b"before;after;", "complete")
+    crash(first)  # the first process is gone: its lock with it
+    assert (await read_all(open_store(tmp_path / "data"), "live")) == (b"before;after;", "complete")
 
 
 @pytest_twisted.ensureDeferred
@@ -115,15 +115,15 @@ async def test_a_second_server_refuses_with_one_line_until_the_first_is_killed(t
 # --- a catalog that is not there is never a fresh install ---------------------------------
 
 
-@pytest.fixture
-def used(tmp_path):
+@pytest_twisted.async_fixture
+async def used(tmp_path):
     """A data directory with two complete streams, left as by kill -9."""
     store = open_store(tmp_path / "data")
     for stream_id, data in (("one", b"first stream"), ("two", b"second stream")):
-        stream = result(store.create(stream_id, '{"n": 1}'))
+        stream = (await store.create(stream_id, '{"n": 1}'))
         stream.append(data)
-        result(stream.complete())
-    store._close_storage()
+        (await stream.complete())
+    crash(store)
     return tmp_path / "data"
 
 
@@ -161,17 +161,18 @@ def test_a_catalog_without_a_streams_table_refuses_to_start(used):
 
 def test_a_catalog_that_knows_none_of_the_files_refuses_to_start(used, tmp_path):
     """Another directory's (or a new, empty) catalog is refused, not every stream quarantined."""
-    open_store(tmp_path / "elsewhere")._close_storage()
+    crash(open_store(tmp_path / "elsewhere"))
     os.replace(tmp_path / "elsewhere" / "catalog.sqlite3", used / "catalog.sqlite3")
     _refused(used, "lists none of the 2 data files")
 
 
-def test_a_fresh_directory_gets_a_whole_catalog(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_a_fresh_directory_gets_a_whole_catalog(tmp_path):
     """No catalog and no data: a fresh install, with the catalog made whole before it appears."""
     store, lines = logged(lambda: open_store(tmp_path / "data"))
     assert any("created a new catalog" in line for line in lines)
-    assert store.stream_count() == 0
-    store._close_storage()
+    assert (await store.stream_count()) == 0
+    crash(store)
     assert sorted(os.listdir(tmp_path / "data")) == ["catalog.sqlite3", "reserve", "streams"]
 
 
@@ -183,20 +184,22 @@ def test_a_write_ahead_log_without_its_catalog_refuses_to_start(tmp_path):
     _refused(data, "write-ahead log")
 
 
-def test_a_shared_memory_file_alone_is_no_reason_to_refuse(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_a_shared_memory_file_alone_is_no_reason_to_refuse(tmp_path):
     """SQLite's -shm file holds no data: beside no catalog and no streams it is a fresh start."""
     data = tmp_path / "data"
     os.makedirs(data)
     (data / "catalog.sqlite3-shm").write_bytes(b"\0\0\0")
-    assert open_store(data).stream_count() == 0
+    assert (await open_store(data).stream_count()) == 0
 
 
-def test_rebuild_catalog_restores_only_what_the_files_prove(used):
+@pytest_twisted.ensureDeferred
+async def test_rebuild_catalog_restores_only_what_the_files_prove(used):
     """--rebuild-catalog restores proven streams as interrupted; the rest goes or is quarantined."""
     store = open_store(used)
-    one = store.data_path(store.open("one").record.storage).path
-    two = store.open("two").record.storage
-    store._close_storage()
+    one = store.data_path((await store.open("one")).record.storage).path
+    two = (await store.open("two")).record.storage
+    crash(store)
 
     def put(path, data):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -214,72 +217,75 @@ def test_rebuild_catalog_restores_only_what_the_files_prove(used):
     os.unlink(used / "catalog.sqlite3")
     _refused(used, "is missing")
     store, lines = logged(lambda: open_store(used, rebuild_catalog=True))
-    assert read_all(store, "one") == (b"first stream", "interrupted")
-    record = store.open("one").record
+    assert (await read_all(store, "one")) == (b"first stream", "interrupted")
+    record = (await store.open("one")).record
     assert record.metadata == "{}" and "--rebuild-catalog" in record.reason
     with pytest.raises(StreamNotFound):
-        store.open("two")  # two files claim it: neither is proven current
-    assert store.stream_count() == 1
+        (await store.open("two"))  # two files claim it: neither is proven current
+    assert (await store.stream_count()) == 1
     assert sorted(os.listdir(used / "quarantine")) == sorted([
         "not-a-loom-name.data", os.path.basename(misplaced)[: -len(".data")] + "x.data",
         two + ".data", os.path.basename(generation)])
     assert not os.path.exists(empty)
     assert any("rebuilt the catalog" in line and "1 streams restored" in line
                for line in lines)
-    store._close_storage()
-    assert read_all(open_store(used), "one") == (b"first stream", "interrupted")
+    crash(store)
+    assert (await read_all(open_store(used), "one")) == (b"first stream", "interrupted")
 
 
-def test_rebuild_sets_an_empty_catalog_aside(used):
+@pytest_twisted.ensureDeferred
+async def test_rebuild_sets_an_empty_catalog_aside(used):
     """The empty catalog a rebuild replaces is kept in quarantine/, not deleted."""
     (used / "catalog.sqlite3").write_bytes(b"")
     store = open_store(used, rebuild_catalog=True)
-    assert read_all(store, "one") == (b"first stream", "interrupted")
+    assert (await read_all(store, "one")) == (b"first stream", "interrupted")
     [aside] = [name for name in os.listdir(used / "quarantine") if name.startswith("catalog-")]
     assert os.listdir(used / "quarantine" / aside) == ["catalog.sqlite3"]
 
 
-def test_rebuild_catalog_leaves_a_usable_catalog_alone(used):
+@pytest_twisted.ensureDeferred
+async def test_rebuild_catalog_leaves_a_usable_catalog_alone(used):
     """With a usable catalog, --rebuild-catalog changes nothing and says so."""
     store, lines = logged(lambda: open_store(used, rebuild_catalog=True))
-    assert read_all(store, "one") == (b"first stream", "complete")
-    assert store.open("one").metadata_json == '{"n": 1}'
+    assert (await read_all(store, "one")) == (b"first stream", "complete")
+    assert (await store.open("one")).metadata_json == '{"n": 1}'
     assert any("nothing was rebuilt" in line for line in lines)
 
 
 # --- a catalog deleted or replaced under a running server ----------------------------------
 
 
+@pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
-def test_a_catalog_gone_while_running_stops_every_record(tmp_path, how):
+async def test_a_catalog_gone_while_running_stops_every_record(tmp_path, how):
     """A catalog deleted or replaced while running: 503, nothing more recorded, reads go on."""
     data = tmp_path / "data"
     store = open_store(data)
-    done = result(store.create("done", "{}"))
+    done = (await store.create("done", "{}"))
     done.append(b"stored")
-    result(done.complete())
-    live = result(store.create("live", "{}"))
+    (await done.complete())
+    live = (await store.create("live", "{}"))
     live.append(b"live bytes")
     catalog = data / "catalog.sqlite3"
     if how == "deleted":
         os.unlink(catalog)
     else:
-        open_store(tmp_path / "other")._close_storage()
+        crash(open_store(tmp_path / "other"))
         os.replace(tmp_path / "other" / "catalog.sqlite3", catalog)
     with pytest.raises(Unavailable) as caught:
-        store.check_health()
+        (await store.check_health())
     assert "deleted or replaced while Loom was running" in caught.value.message
     with pytest.raises(Unavailable):
-        result(store.create("new", "{}"))
+        (await store.create("new", "{}"))
     with pytest.raises(Unavailable):
-        result(store.delete("live"))
+        (await store.delete("live"))
     assert live.outcome is None  # not cut off for a deletion that cannot happen
-    assert read_all(store, "done") == (b"stored", "complete")
+    assert (await read_all(store, "done")) == (b"stored", "complete")
     with pytest.raises(StorageFailed):
-        result(live.complete())
+        (await live.complete())
     assert live.outcome == "aborted"
     with pytest.raises(StreamNotFound):
-        store.open("new")
+        (await store.open("new"))
 
 
 @pytest_twisted.ensureDeferred

@@ -8,7 +8,7 @@ import pytest_twisted
 import treq
 from twisted.internet.task import Clock
 
-from loom.store.sqlite import Catalog
+from loom.store.catalog_db import Catalog
 from loom.store.datadir import SpaceReserve
 from loom.errors import StorageFailed, Unavailable
 from loom.store import DiskStore, InlineRunners
@@ -22,7 +22,7 @@ from tests.helpers import (
     unavailable,
     unmount,
 )
-from tests.test_store import read_all, result
+from loom.testing import crash, read_all
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -79,10 +79,10 @@ class Runs:
         return self.store
 
     def crash(self):
-        self.store._close_storage()  # as after kill -9
+        crash(self.store)  # as after kill -9
 
-    def stop(self):
-        result(self.store.stop())
+    async def stop(self):
+        (await self.store.stop())
 
     def setting(self, key):
         catalog = self.peek()
@@ -99,10 +99,10 @@ class Runs:
         return Catalog(path, readonly=True, create=False, immutable=quiet)
 
 
-def store_stream(store, stream_id, data):
-    stream = result(store.create(stream_id, '{"kept": true}'))
+async def store_stream(store, stream_id, data):
+    stream = (await store.create(stream_id, '{"kept": true}'))
     stream.append(data)
-    result(stream.complete())
+    (await stream.complete())
 
 
 def free(mount) -> int:
@@ -110,166 +110,173 @@ def free(mount) -> int:
     return status.f_bavail * status.f_frsize
 
 
-def fail_for_want_of_room(stream):
+async def fail_for_want_of_room(stream):
     """Append until the disk refuses, then abort the stream as the ingest does."""
     with pytest.raises(StorageFailed) as caught:
         for _ in range(200):
             stream.append(b"x" * (64 * KiB))
-    result(stream.abort(f"storing the data failed: {caught.value}"))
+    (await stream.abort(f"storing the data failed: {caught.value}"))
 
 
-def test_delete_on_a_full_disk_frees_its_space(disk):
+@pytest_twisted.ensureDeferred
+async def test_delete_on_a_full_disk_frees_its_space(disk):
     """With not one byte free, DELETE commits (the reserve makes room) and frees the space."""
     runs = Runs(disk)
     store = runs.start()
-    store_stream(store, "big", b"b" * (1024 * KiB))
-    store_stream(store, "keep", b"kept")
+    (await store_stream(store, "big", b"b" * (1024 * KiB)))
+    (await store_stream(store, "keep", b"kept"))
     fill_up(disk)
     assert free(disk) == 0
-    result(store.delete("big"))
+    (await store.delete("big"))
     assert free(disk) > 512 * KiB
     assert store.reserve.held  # room enough: the reserve is made again at once
-    assert read_all(store, "keep") == (b"kept", "complete")
-    stream = result(store.create("after", "{}"))  # no restart needed
+    assert (await read_all(store, "keep")) == (b"kept", "complete")
+    stream = (await store.create("after", "{}"))  # no restart needed
     stream.append(b"new")
-    result(stream.complete())
+    (await stream.complete())
 
 
-def test_an_abort_for_a_full_disk_is_recorded_and_survives_a_restart(disk):
+@pytest_twisted.ensureDeferred
+async def test_an_abort_for_a_full_disk_is_recorded_and_survives_a_restart(disk):
     """An abort for a full disk is committed with its reason and kept across a restart on it."""
     runs = Runs(disk)
     store = runs.start()
-    store_stream(store, "first", b"before")
-    stream = result(store.create("big", "{}"))
+    (await store_stream(store, "first", b"before"))
+    stream = (await store.create("big", "{}"))
     fill_up(disk, "filler-1")
-    fail_for_want_of_room(stream)
-    assert not store._unrecorded  # recorded, not held in memory
+    (await fail_for_want_of_room(stream))
+    assert not store.unrecorded  # recorded, not held in memory
     size = stream.size
-    runs.stop()
+    (await runs.stop())
     fill_up(disk, "filler-2")  # whatever the stop freed is taken too
     store = runs.start()
-    handle = store.open("big")
+    handle = (await store.open("big"))
     assert (handle.state, handle.size) == ("aborted", size)
     assert "No space left on device" in handle.record.reason
     handle.close()
-    assert read_all(store, "first") == (b"before", "complete")
+    assert (await read_all(store, "first")) == (b"before", "complete")
 
 
-def test_while_the_reserve_is_spent_no_data_is_stored_until_room_returns(disk):
+@pytest_twisted.ensureDeferred
+async def test_while_the_reserve_is_spent_no_data_is_stored_until_room_returns(disk):
     """While the reserve is spent no data is stored; freed space lets new streams in at once."""
     runs = Runs(disk)
     store = runs.start()
-    other = result(store.create("other", "{}"))
+    other = (await store.create("other", "{}"))
     other.append(b"before")
-    big = result(store.create("big", "{}"))
+    big = (await store.create("big", "{}"))
     filler = fill_up(disk)
-    fail_for_want_of_room(big)
+    (await fail_for_want_of_room(big))
     assert not store.reserve.held and free(disk) > 0
     with pytest.raises(StorageFailed):
         other.append(b"would eat the room kept for the catalog")
-    result(other.abort("storing the data failed"))
-    assert read_all(store, "other") == (b"before", "aborted")
+    (await other.abort("storing the data failed"))
+    assert (await read_all(store, "other")) == (b"before", "aborted")
     with pytest.raises(StorageFailed) as caught:
-        result(store.create("refused", "{}"))
+        (await store.create("refused", "{}"))
     assert "the disk is full" in str(caught.value)
     with pytest.raises(Unavailable) as caught:
-        store.check_health()
+        (await store.check_health())
     assert "full" in caught.value.message
     os.unlink(filler)
-    stream = result(store.create("after", "{}"))
+    stream = (await store.create("after", "{}"))
     stream.append(b"room again")
-    result(stream.complete())
-    store.check_health()
+    (await stream.complete())
+    (await store.check_health())
     assert store.reserve.held
 
 
-def test_start_up_on_a_full_disk_serves_reads(disk):
+@pytest_twisted.ensureDeferred
+async def test_start_up_on_a_full_disk_serves_reads(disk):
     """A clean restart with not one byte free starts on its reserve and serves reads."""
     runs = Runs(disk)
     store = runs.start()
-    store_stream(store, "kept", b"kept bytes")
-    runs.stop()
+    (await store_stream(store, "kept", b"kept bytes"))
+    (await runs.stop())
     filler = fill_up(disk)
     store = runs.start()
-    assert read_all(store, "kept") == (b"kept bytes", "complete")
+    assert (await read_all(store, "kept")) == (b"kept bytes", "complete")
     with pytest.raises(StorageFailed):
-        result(store.create("refused", "{}"))
+        (await store.create("refused", "{}"))
     assert runs.setting("clean_shutdown") == "0"  # cleared before anything can be created
     os.unlink(filler)
-    store_stream(store, "after", b"room again")
+    (await store_stream(store, "after", b"room again"))
 
 
-def test_start_up_with_no_room_and_no_reserve_waits_for_room(disk):
+@pytest_twisted.ensureDeferred
+async def test_start_up_with_no_room_and_no_reserve_waits_for_room(disk):
     """A restart on a full disk with no reserve serves reads, then finishes when room returns."""
     runs = Runs(disk)
     store = runs.start()
-    store_stream(store, "kept", b"kept bytes")
-    live = result(store.create("was-live", '{"job": 1}'))
+    (await store_stream(store, "kept", b"kept bytes"))
+    live = (await store.create("was-live", '{"job": 1}'))
     live.append(b"live bytes")
-    big = result(store.create("big", "{}"))
+    big = (await store.create("big", "{}"))
     fill_up(disk, "filler-1")
-    fail_for_want_of_room(big)  # spends the reserve
+    (await fail_for_want_of_room(big))  # spends the reserve
     runs.crash()
     filler = fill_up(disk, "filler-2")
     store = runs.start()
-    assert read_all(store, "kept") == (b"kept bytes", "complete")
-    assert read_all(store, "was-live") == (b"live bytes", "interrupted")
-    assert read_all(store, "big")[1] == "aborted"
+    assert (await read_all(store, "kept")) == (b"kept bytes", "complete")
+    assert (await read_all(store, "was-live")) == (b"live bytes", "interrupted")
+    assert (await read_all(store, "big"))[1] == "aborted"
     with pytest.raises(StorageFailed) as caught:
-        result(store.create("refused", "{}"))
+        (await store.create("refused", "{}"))
     assert "not finished starting" in str(caught.value)
     with pytest.raises(Unavailable) as caught:
-        store.check_health()
+        (await store.check_health())
     assert "reads only" in caught.value.message
     runs.clock.advance(1.0)  # still no room: still waiting
     with pytest.raises(StorageFailed):
-        result(store.create("refused", "{}"))
+        (await store.create("refused", "{}"))
     os.unlink(filler)
     os.unlink(disk / "filler-1")
     runs.clock.advance(1.0)  # the catalog is opened for writing, and start-up's marks made
-    store_stream(store, "after", b"room again")
-    store.check_health()
+    (await store_stream(store, "after", b"room again"))
+    (await store.check_health())
     runs.crash()
     store = runs.start()  # the catalog itself now says interrupted
-    assert read_all(store, "was-live") == (b"live bytes", "interrupted")
-    assert store.open("was-live").metadata_json == '{"job": 1}'
+    assert (await read_all(store, "was-live")) == (b"live bytes", "interrupted")
+    assert (await store.open("was-live")).metadata_json == '{"job": 1}'
 
 
-def test_a_stop_while_waiting_for_room_records_no_clean_shutdown(disk):
+@pytest_twisted.ensureDeferred
+async def test_a_stop_while_waiting_for_room_records_no_clean_shutdown(disk):
     """Start-up that could not write its marks must not be followed by a clean-shutdown mark."""
     runs = Runs(disk)
     store = runs.start()
-    live = result(store.create("was-live", "{}"))
+    live = (await store.create("was-live", "{}"))
     live.append(b"live bytes")
-    big = result(store.create("big", "{}"))
+    big = (await store.create("big", "{}"))
     fill_up(disk, "filler-1")
-    fail_for_want_of_room(big)
+    (await fail_for_want_of_room(big))
     runs.crash()
     fill_up(disk, "filler-2")
     runs.start()
-    runs.stop()
+    (await runs.stop())
     assert runs.setting("clean_shutdown") == "0"
     assert [r.state for r in _records(runs) if r.id == "was-live"] == ["live"]
 
 
-def test_start_up_on_a_full_disk_without_room_for_sqlite_reads_the_catalog_as_it_is(disk):
+@pytest_twisted.ensureDeferred
+async def test_start_up_on_a_full_disk_without_room_for_sqlite_reads_the_catalog_as_it_is(disk):
     """With no room even for SQLite's shared memory, reads are served from the catalog as it is."""
     runs = Runs(disk, reserve=0)
     store = runs.start()
-    store_stream(store, "kept", b"kept bytes")
-    runs.stop()
+    (await store_stream(store, "kept", b"kept bytes"))
+    (await runs.stop())
     filler = fill_up(disk)
     store = runs.start()
-    assert store._immutable_reader
-    assert read_all(store, "kept") == (b"kept bytes", "complete")
-    assert [r.id for r in store.list_streams()] == ["kept"]
+    assert store.directory.immutable_reader
+    assert (await read_all(store, "kept")) == (b"kept bytes", "complete")
+    assert [r.id for r in (await store.list_streams())] == ["kept"]
     with pytest.raises(StorageFailed):
-        result(store.create("refused", "{}"))
+        (await store.create("refused", "{}"))
     os.unlink(filler)
     runs.clock.advance(1.0)  # the catalog is opened for writing, and start-up's marks made
-    assert not store._immutable_reader
-    store_stream(store, "after", b"room again")
-    assert read_all(store, "kept") == (b"kept bytes", "complete")
+    assert not store.directory.immutable_reader
+    (await store_stream(store, "after", b"room again"))
+    assert (await read_all(store, "kept")) == (b"kept bytes", "complete")
 
 
 def _records(runs):

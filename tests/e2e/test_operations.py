@@ -128,10 +128,11 @@ async def test_a_backup_taken_while_loom_writes_starts_as_a_loom(tmp_path):
         await restored.stop()
 
 
-def test_a_stream_deleted_during_the_copy_is_left_out(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_a_stream_deleted_during_the_copy_is_left_out(tmp_path):
     """A stream whose file goes away between the catalog's snapshot and its copy is dropped
     from the copy, which stays whole."""
-    data = _data_dir(tmp_path, {"kept": b"kept", "deleted": b"deleted"})
+    data = (await _data_dir(tmp_path, {"kept": b"kept", "deleted": b"deleted"}))
     os.unlink(stream_file(data, _storage(data, "deleted")))  # as a DELETE after the snapshot
     said = []
     assert backup(data, str(tmp_path / "copy"), said.append) == 1
@@ -140,9 +141,10 @@ def test_a_stream_deleted_during_the_copy_is_left_out(tmp_path):
     assert _ids(str(tmp_path / "copy")) == {"kept"}
 
 
-def test_check_names_what_is_missing_short_or_foreign(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_check_names_what_is_missing_short_or_foreign(tmp_path):
     """--check finds a missing file, a short one and a file no stream owns."""
-    data = _data_dir(tmp_path, {"a": b"aaaa", "b": b"bbbb", "c": b"cccc"})
+    data = (await _data_dir(tmp_path, {"a": b"aaaa", "b": b"bbbb", "c": b"cccc"}))
     os.unlink(stream_file(data, _storage(data, "a")))
     with open(stream_file(data, _storage(data, "b")), "r+b") as f:
         f.truncate(2)
@@ -156,13 +158,14 @@ def test_check_names_what_is_missing_short_or_foreign(tmp_path):
     assert any("stray.data belongs to no stream" in problem for problem in problems)
 
 
-def test_backup_refuses_what_it_cannot_do(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_backup_refuses_what_it_cannot_do(tmp_path):
     """No catalog, or a target that exists: one clear sentence, nothing written."""
     from loom.backup import BackupError
 
     with pytest.raises(BackupError, match="not a Loom data directory"):
         backup(str(tmp_path), str(tmp_path / "copy"))
-    data = _data_dir(tmp_path, {"a": b"a"})
+    data = (await _data_dir(tmp_path, {"a": b"a"}))
     os.makedirs(tmp_path / "taken")
     with pytest.raises(BackupError, match="exists already"):
         backup(data, str(tmp_path / "taken"))
@@ -171,21 +174,20 @@ def test_backup_refuses_what_it_cannot_do(tmp_path):
     assert result.returncode == 2 and "new directory" in result.stderr
 
 
-def _data_dir(tmp_path, streams: dict[str, bytes]) -> str:
+async def _data_dir(tmp_path, streams: dict[str, bytes]) -> str:
     """A data directory made by a store, holding complete ``streams``."""
     from twisted.internet.task import Clock
 
     from loom.store import DiskStore, InlineRunners
-    from tests.test_store import result
-
+    
     data = str(tmp_path / "data")
     store = DiskStore(data, Clock(), InlineRunners())
     store.start()
     for stream_id, content in streams.items():
-        stream = result(store.create(stream_id, "{}"))
+        stream = (await store.create(stream_id, "{}"))
         stream.append(content)
-        result(stream.complete())
-    result(store.stop())
+        (await stream.complete())
+    (await store.stop())
     return data
 
 
