@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.11",
     packages=["loom", "loom.cli", "loom.store", "loom.web", "twisted.plugins"],
     install_requires=[
-        # loom/web/ingest.py relies on HTTPChannel internals tested on 26.10.
+        # loom/web/channel.py relies on HTTPChannel internals tested on 26.10.
         "Twisted>=26.10,<27",
         "treq>=24.9",
         "PyYAML>=6.0",

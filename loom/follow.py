@@ -2,8 +2,10 @@
 
 A follower is an IPushProducer registered on its consumer. It reads the
 stream's file by offset while the consumer is not paused; when it has caught
-up it waits for the stream to grow. A caught-up, unpaused follower takes fresh
-chunks straight from the writer; a paused one falls back to the file, so a
+up it waits for the stream to grow (it is woken for committed bytes only). A
+caught-up, unpaused follower takes fresh chunks straight from the writer (or
+from the file, when the log confirmed them later); a paused one falls back to
+the file, so a
 slow consumer costs a file offset, never a buffer. The consumer takes only
 what its connection accepts at once and pauses the follower for the rest,
 which stays in the file: a stalled reader holds no stream bytes in memory.
@@ -18,7 +20,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from loom.buffers import pieces
-from loom.store import ABORTED, COMPLETE, LiveStream, StreamHandle
+from loom.model import ABORTED, COMPLETE, DRAINED
+from loom.store import LiveStream, StreamHandle
 
 log = Logger()
 
@@ -145,10 +148,7 @@ class Follower(StallingPushProducer):
     def start(self) -> None:
         self._sink.registerProducer(self, True)
         if self._live is not None:
-            if self._live.outcome is not None and self._live.outcome not in (
-                COMPLETE,
-                ABORTED,
-            ):
+            if self._live.outcome is not None and self._live.outcome not in DRAINED:
                 self._finish(clean=False)
                 return
             self._live.subscribe(self)
@@ -197,7 +197,7 @@ class Follower(StallingPushProducer):
     def stream_ended(self, stream: LiveStream) -> None:
         if self._done:
             return
-        if stream.outcome in (COMPLETE, ABORTED):
+        if stream.outcome in DRAINED:
             # Everything the producer sent is in the file: drain it, then end.
             self._pump()
         else:

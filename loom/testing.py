@@ -1,9 +1,11 @@
 """Fakes for testing Loom, or a program that embeds it, without sockets, threads or time.
 
 * ``MemoryStore`` (from loom.store) with ``InlineRunners``: a stream store in
-  dictionaries whose blocking work runs at once; ``ManualRunners`` holds file
-  syncs until the test runs them; ``NextTurnRunners`` answers everything on a
-  later turn of the reactor, as a networked backend would.
+  dictionaries whose blocking work runs at once; ``ManualRunners`` holds the
+  kinds of work it is told to (file work by default) until the test runs them;
+  ``MemoryStore(commits="manual")`` holds the log's confirmations until
+  ``store.log.commit()`` (or ``refuse(error)``); ``NextTurnRunners`` answers
+  everything on a later turn of the reactor, as a networked backend would.
 * ``make_fake_site``: a real LoomSite (channels, requests, resources) on a
   ``twisted.internet.task.Clock`` and a memory or disk store; ``connect()``
   gives a channel on a ``FakeTCPTransport`` to feed raw bytes into.

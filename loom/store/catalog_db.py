@@ -340,17 +340,24 @@ class Catalog:
         return cursor.rowcount == 1
 
     @_writes(keeps_books=True)
-    def delete(self, streams: list[tuple[str, str]]) -> list[str]:
+    def delete(self, streams: list[tuple[str, str]],
+               finished_before_ms: int | None = None) -> list[str]:
         """Delete (id, storage) streams in one transaction; return the storages deleted.
 
         Each storage is recorded as a pending delete, so that its file is
-        removed even if the process dies before it gets to it.
+        removed even if the process dies before it gets to it. With
+        ``finished_before_ms`` (retention), only a stream still finished before
+        then is deleted: one resumed since it was found expired is left alone.
         """
         deleted = []
+        only_expired = ("" if finished_before_ms is None else
+                        " AND state != 'live' AND finished_ms < ?")
         with _transaction(self._db):
             for stream_id, storage in streams:
                 cursor = self._db.execute(
-                    "DELETE FROM streams WHERE id = ? AND storage = ?", (stream_id, storage)
+                    "DELETE FROM streams WHERE id = ? AND storage = ?" + only_expired,
+                    (stream_id, storage) + (() if finished_before_ms is None
+                                            else (finished_before_ms,)),
                 )
                 if cursor.rowcount == 1:
                     self._db.execute("DELETE FROM stream_meta WHERE stream_id = ?", (stream_id,))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import replace
 
 from twisted.internet.task import LoopingCall
@@ -67,6 +68,7 @@ class DataDirectory:
         self._clock = clock
         self._runners = runners
         self.reserve = SpaceReserve(self.data_dir.child(RESERVE).path, reserve)
+        self._reserve_lock = threading.Lock()  # reserve changes come from two pools
         self._rebuild_catalog = rebuild_catalog
         self._writer: Catalog | None = None
         self._reader: Catalog | None = None  # the directory's own (checks, start-up)
@@ -297,8 +299,9 @@ class DataDirectory:
 
     def thd_make_room(self) -> bool:
         """A bookkeeping commit failed: if the disk is full, give up the reserve so it can work."""
-        if not self.reserve.low() or not self.reserve.thd_release():
-            return False
+        with self._reserve_lock:  # the catalog thread and the I/O pool both get here
+            if not self.reserve.low() or not self.reserve.thd_release():
+                return False
         log.warn("the disk holding {data_dir} is full: Loom gave up its {size} reserve so that "
                  "the catalog can record how streams end and what is deleted; new data is "
                  "refused until {needed} are free", data_dir=self.data_dir.path,
@@ -306,7 +309,9 @@ class DataDirectory:
         return True
 
     def thd_restore_reserve(self) -> None:
-        if not self.reserve.accepts_data and self.reserve.thd_establish():
+        with self._reserve_lock:
+            restored = not self.reserve.accepts_data and self.reserve.thd_establish()
+        if restored:
             log.info("there is room on the disk again: the reserve is made again and new data "
                      "is accepted")
 

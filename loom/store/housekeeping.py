@@ -109,16 +109,19 @@ class Housekeeping:
         store = self._store
         cutoff = store.now_ms() - int(self.retention * 1000)
         while not store.stopped:  # a sweep in progress yields to a stopping store
+            deleted: list[str] = []
             try:
                 expired = await store.catalog.expired(cutoff, RETENTION_BATCH)
                 if expired:
-                    await store.delete_records(expired)
+                    # Only what is still expired when deleted: a stream resumed since the
+                    # query above is live again, and stays.
+                    deleted = await store.delete_records(expired, finished_before_ms=cutoff)
             except Exception as e:
                 store.errors["catalog"] += 1
                 log.error("retention sweep failed: {error}", error=e)
                 return
-            if expired:
-                ids = [stream_id for stream_id, _ in expired]
+            if deleted:
+                ids = [stream_id for stream_id, storage in expired if storage in deleted]
                 for stream_id in ids:
                     store.signal.abandon(stream_id)
                 shown = ", ".join(ids[:20])

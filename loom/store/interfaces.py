@@ -8,7 +8,8 @@ and who waits for them). One node: SQLite, files and an in-process registry
 loom.store.memory. A networked backend implements the same three.
 
 Everything a networked backend would have to wait for returns a Deferred;
-the local backends answer at once (``succeed``). Reading a stream's bytes
+the disk store answers from its thread pools (inline under test fakes), so
+a caller never assumes an answer comes at once. Reading a stream's bytes
 stays synchronous: followers read a local file (the stream's own file here,
 a spool or mirror in a cluster), by offset, and treat every notification as
 a wake-up only. See docs/architecture.md.
@@ -42,9 +43,11 @@ class ICatalog(Interface):
     def reopen(record):
         """An ended stream is live again (resumed); False if its id now names another."""
 
-    def delete(streams):
+    def delete(streams, finished_before_ms=None):
         """Delete (id, storage) pairs together; the storages deleted. Each stays noted as a
-        pending delete until ``forget_deletes``, so a crash between cannot orphan its bytes."""
+        pending delete until ``forget_deletes``, so a crash between cannot orphan its bytes.
+        With ``finished_before_ms`` (retention) a stream is deleted only if it is still
+        finished, and finished before then: one resumed meanwhile stays."""
 
     def forget_deletes(storages):
         """The bytes of ``storages`` are gone."""
@@ -79,7 +82,9 @@ class IByteLog(Interface):
 
     def append(file, offset, parts):
         """Append ``parts`` at ``offset``: None once they are committed, or a Deferred that
-        fires when they are. Raises PartialWrite, saying how many bytes got there."""
+        fires when they are, or fails if the log refuses them after all (the stream then
+        ends aborted with what was committed before). Raises PartialWrite, saying how many
+        bytes got there."""
 
     def sync(file):
         """Fire once the file's bytes are on stable storage, through its own fsync."""
@@ -121,6 +126,14 @@ class ILiveSignal(Interface):
     def stop_waiting(stream_id, waiter):
         """``waiter`` waits no more."""
 
+    def resumed(stream):
+        """``stream`` is live again: its waiting followers go on with it."""
+
+    def abandon_all():
+        """The server is stopping: every waiting follower is told nobody resumes."""
+
+    observer_count = Attribute("How many observers there are.")
+
     def abandon(stream_id):
         """The stream will not resume (deleted, replaced): ``resume_abandoned()`` to waiters."""
 
@@ -131,6 +144,10 @@ class IStreamStore(Interface):
     fsync = Attribute("The fsync policy: always, interval or never.")
     max_stream_bytes = Attribute("The largest a stream may grow, or None.")
     resume_window = Attribute("How long followers of an aborted stream wait for it, or None.")
+    bytes_in = Attribute("Bytes stored from producers since the start (for /metrics).")
+    errors = Attribute("Storage errors by kind, a collections.Counter (for /metrics).")
+    on_sync = Attribute("Called with the seconds each sync took (for /metrics), or None.")
+    observer_count = Attribute("How many observers of new streams there are (/spy clients).")
 
     def start():
         """Open the storage and reconcile it after a crash; call before serving."""
@@ -176,3 +193,10 @@ class IStreamStore(Interface):
 
     def unobserve(observer):
         """Stop calling ``observer``."""
+
+    def wait_for_resume(stream_id, follower):
+        """``follower.stream_resumed(stream)`` if the aborted stream resumes within the
+        resume window, else ``follower.resume_abandoned()``."""
+
+    def stop_waiting(stream_id, follower):
+        """``follower`` waits no more."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -65,6 +65,7 @@ class LiveStream:
         self._listeners: list[StreamListener] = []
         self._end_waiters: list[Deferred] = []
         self._commit_waiters: list[tuple[int, Deferred]] = []
+        self._commit_error: StorageFailed | None = None  # the log refused an append
         self._syncing = False
         self._sync_waiters: list[Deferred] = []
         # After a failed fsync the kernel may have dropped the dirty pages, and
@@ -96,6 +97,8 @@ class LiveStream:
         """
         if self.outcome is not None or self.closing:
             raise StreamCut(f"stream {self.id} no longer accepts data")
+        if self._commit_error is not None:
+            raise self._commit_error
         size = sum(map(len, parts))
         limit = self._store.max_stream_bytes
         too_large = limit is not None and self.written + size > limit
@@ -124,7 +127,8 @@ class LiveStream:
                 self._committed(start, parts, size)
             else:
                 end = self.written
-                pending.addCallback(lambda _: self._committed(self.size, None, end - self.size))
+                pending.addCallbacks(lambda _: self._committed(self.size, None, end - self.size),
+                                     self._refused)
         if too_large:
             raise StreamTooLarge(f"Stream {self.id} reached the size limit of {limit} bytes.")
         return pending
@@ -137,8 +141,22 @@ class LiveStream:
         while self._commit_waiters and self._commit_waiters[0][0] <= self.size:
             self._commit_waiters.pop(0)[1].callback(None)
 
+    def _refused(self, failure: Failure) -> Failure:
+        """The log refused an append it had taken: nothing after it can be committed. Every
+        wait for a commit fails (StorageFailed), and so does the producer's (``failure``)."""
+        if self._commit_error is None:
+            self._commit_error = StorageFailed(
+                f"storing stream {self.id} failed: {failure.getErrorMessage()}")
+        waiters, self._commit_waiters = self._commit_waiters, []
+        for _, waiter in waiters:
+            waiter.errback(self._commit_error)
+        return failure
+
     def when_committed(self) -> Deferred:
-        """Fire once every byte written so far is committed."""
+        """Fire once every byte written so far is committed; fail with StorageFailed if the
+        log refused some of them."""
+        if self._commit_error is not None:
+            return fail(self._commit_error)
         if self.size >= self.written:
             return succeed(None)
         d: Deferred = Deferred()
@@ -235,6 +253,10 @@ class LiveStream:
         self.closing = True
         try:
             await self.when_committed()
+        except StorageFailed:
+            await self._record(ABORTED, "storing the data failed")
+            raise
+        try:
             if self._store.fsync != "never":
                 await self.sync(own=True)
         except StorageFailed:
@@ -249,10 +271,12 @@ class LiveStream:
         except CatalogError as e:
             log.error("stream {stream_id}: {error}", stream_id=self.id, error=e)
             # Never report success that was not recorded: the stream is aborted,
-            # and the store keeps retrying to write that down.
-            self._store.remember_unrecorded(self, reason or "the catalog could not record "
-                                            "how the stream ended")
-            self._end(ABORTED)
+            # and the store keeps retrying to write that down. (Unless it was cut
+            # meanwhile, deleted or replaced: then it has ended already.)
+            if self.outcome is None:
+                self._store.remember_unrecorded(self, reason or "the catalog could not "
+                                                "record how the stream ended")
+                self._end(ABORTED)
             raise StorageFailed(f"recording the end of stream {self.id} failed") from e
         if still_ours:
             self._store.crash.reached("recorded")

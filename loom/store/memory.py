@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from loom.errors import StreamExists
 from loom.model import INTERRUPTED, INTERRUPTED_REASON, LIVE, StreamRecord, meta_rows
+from loom.store.files import MISSING
 from loom.store.interfaces import IByteLog, ICatalog
 from loom.store.streams import StreamStore
 from loom.store.threads import InlineRunners, Runners
@@ -100,7 +101,7 @@ class MemoryCatalog:
                 return False
             self.records[record.id] = replace(
                 current, state=state, size=size,
-                finished_ms=finished_ms or current.finished_ms, reason=reason,
+                finished_ms=current.finished_ms if finished_ms is None else finished_ms, reason=reason,
             )
             return True
 
@@ -117,12 +118,15 @@ class MemoryCatalog:
 
         return self._runners.catalog(reopen)
 
-    def delete(self, streams):
+    def delete(self, streams, finished_before_ms=None):
         def delete():
             storages = []
             for stream_id, storage in streams:
                 current = self.records.get(stream_id)
-                if current is not None and current.storage == storage:
+                if current is not None and current.storage == storage and (
+                        finished_before_ms is None
+                        or (current.state != LIVE and current.finished_ms is not None
+                            and current.finished_ms < finished_before_ms)):
                     del self.records[stream_id]
                     storages.append(storage)
             return storages
@@ -209,7 +213,8 @@ class MemoryLog:
         return self._runners.io(reopen)
 
     def open(self, storage):
-        return MemoryFile(self.files.setdefault(storage, bytearray()))
+        data = self.files.get(storage)
+        return MISSING if data is None else MemoryFile(data)
 
     def append(self, file, offset, parts):
         file.write(parts)
@@ -226,6 +231,13 @@ class MemoryLog:
         pending, self.pending = self.pending, []
         for d in pending:
             d.callback(None)
+
+    def refuse(self, error: Exception) -> None:
+        """Refuse every append waiting for its commit, as a networked log that lost them
+        would (``commits="manual"``)."""
+        pending, self.pending = self.pending, []
+        for d in pending:
+            d.errback(error)
 
     def sync(self, file):
         return self._runners.io(file.thd_sync)

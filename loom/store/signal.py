@@ -41,6 +41,7 @@ class LocalSignal:
                 # One broken observer (a /spy client) must not stop the stream or the others.
                 log.failure("an observer of new streams failed; it is dropped")
                 self.unobserve(observer)
+                _let_go(getattr(observer, "__self__", None))
 
     def unregister(self, stream: LiveStream) -> None:
         if self._live.get(stream.id) is stream:
@@ -74,7 +75,14 @@ class LocalSignal:
     def resumed(self, stream: LiveStream) -> None:
         """``stream`` is live again: its waiting followers go on with it."""
         for waiter in self._resume_waiters.pop(stream.id, []):
-            waiter.stream_resumed(stream)
+            try:
+                waiter.stream_resumed(stream)
+            except Exception:
+                # A broken follower must not fail the resuming producer, nor keep the
+                # followers after it from going on.
+                log.failure("a follower of resumed stream {stream_id} failed; it is dropped",
+                            stream_id=stream.id)
+                _let_go(waiter)
 
     def abandon(self, stream_id: str) -> None:
         for waiter in self._resume_waiters.pop(stream_id, []):
@@ -89,3 +97,15 @@ class LocalSignal:
     def waiting(self) -> dict[str, list]:
         """The followers waiting for each stream to resume (for tests)."""
         return self._resume_waiters
+
+
+def _let_go(reader) -> None:
+    """Tell a reader whose callback raised that it was dropped (``listener_failed``): it
+    lets go of its client and its files; a failure doing so is logged too."""
+    failed = getattr(reader, "listener_failed", None)
+    if failed is None:
+        return
+    try:
+        failed()
+    except Exception:
+        log.failure("dropping a failed reader failed too")

@@ -118,8 +118,9 @@ class SQLiteCatalog:
     def reopen(self, record: StreamRecord) -> Deferred:
         return self._write("reopen", record.id, record.storage)
 
-    def delete(self, streams: list[tuple[str, str]]) -> Deferred:
-        return self._write("delete", streams)
+    def delete(self, streams: list[tuple[str, str]],
+               finished_before_ms: int | None = None) -> Deferred:
+        return self._write("delete", streams, finished_before_ms)
 
     def forget_deletes(self, storages: list[str]) -> Deferred:
         return self._write("forget_pending_deletes", storages)

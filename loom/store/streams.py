@@ -272,7 +272,8 @@ class StreamStore:
             # The bytes first, then the record: a crash between leaves an empty
             # file no record names, which start-up removes; never a record
             # without its file.
-            data = await self._storage_step("create the stream", self.log.create,
+            data = await self._storage_step("create the stream", "create", stream_id,
+                                            self.log.create,
                                             record.storage)
             try:
                 replaced_storage = await self._catalog.add(record, force)
@@ -289,10 +290,12 @@ class StreamStore:
             stream.replaced = replaced_storage is not None
             if old is not None:
                 old.cut(REPLACED)
+            # Live at once: a reader must not find the new record without its stream
+            # while the old bytes are being removed.
+            self.signal.register(stream)
             if replaced_storage is not None:
                 await self._forget_bytes([replaced_storage], stream_id)
                 log.info("stream {stream_id} replaced", stream_id=stream_id)
-            self.signal.register(stream)
             return stream
 
     def _live(self, record: StreamRecord, data, on_cut, owner) -> LiveStream:
@@ -300,14 +303,15 @@ class StreamStore:
         stream.on_cut, stream.owner = on_cut, owner
         return stream
 
-    async def _storage_step(self, what: str, step, *args):
+    async def _storage_step(self, what: str, kind: str, stream_id: str, step, *args):
         """Run a step that makes a stream's bytes or record; a failure is StorageFailed (or
-        Unavailable when the server is out of files, a passing overload)."""
+        Unavailable when the server is out of files, a passing overload), counted as
+        ``kind`` and logged for ``stream_id``."""
         try:
             return await step(*args)
         except (OSError, CatalogError) as e:
             _raise_if_out_of_files(e)
-            self._failed("create", args[0] if args else "?", e)
+            self._failed(kind, stream_id, e)
             raise StorageFailed(f"Loom could not {what}: {_describe(e)}.") from e
 
     def _failed(self, kind: str, stream_id: str, error: Exception) -> None:
@@ -363,14 +367,24 @@ class StreamStore:
             if live is not None:
                 live.cut(DELETED)
             self.signal.abandon(stream_id)
-            if not await self.delete_records([(stream_id, record.storage)]):
+            try:
+                deleted = await self.delete_records([(stream_id, record.storage)])
+            except StorageFailed:
+                if live is not None:
+                    # Cut, yet still recorded live: serve it as aborted (with its bytes)
+                    # and keep trying to record that, rather than live with no producer.
+                    self.remember_unrecorded(live, "the catalog could not delete the stream")
+                raise
+            if not deleted:
                 raise StreamNotFound(stream_id)
             log.info("stream {stream_id} deleted", stream_id=stream_id)
 
-    async def delete_records(self, streams: list[tuple[str, str]]) -> list[str]:
-        """Delete (id, storage) records, then their bytes; the storages deleted."""
+    async def delete_records(self, streams: list[tuple[str, str]],
+                             finished_before_ms: int | None = None) -> list[str]:
+        """Delete (id, storage) records, then their bytes; the storages deleted (with
+        ``finished_before_ms``, only streams still finished before then: see ICatalog)."""
         try:
-            storages = await self._catalog.delete(streams)
+            storages = await self._catalog.delete(streams, finished_before_ms)
         except (OSError, CatalogError) as e:
             self.errors["catalog"] += 1
             raise StorageFailed(f"Loom could not delete the stream: {_describe(e)}.") from e
@@ -414,7 +428,8 @@ class StreamStore:
                     "stream can be appended to.")
             if offset != record.size:
                 raise OffsetMismatch(stream_id, record.size)
-            data = await self._storage_step("reopen the stream", self.log.reopen,
+            data = await self._storage_step("reopen the stream", "resume", stream_id,
+                                            self.log.reopen,
                                             record.storage, record.size)
             try:
                 reopened = await self._catalog.reopen(record)
@@ -480,6 +495,8 @@ class StreamStore:
             except StorageFailed as e:
                 log.error("stream {stream_id}: removing it failed: {error}",
                           stream_id=stream.id, error=e)
+                # Cut, yet still recorded live: served as aborted (empty) and retried.
+                self.remember_unrecorded(stream, "the catalog could not remove the stream")
                 return False
             log.info("stream {stream_id} discarded: its request was malformed before any "
                      "data arrived", stream_id=stream.id)
@@ -506,6 +523,16 @@ class StreamStore:
         live = self.signal.get(stream_id)  # it may have gone live meanwhile
         if live is not None:
             return live.reader()
+        if record is not None and record.state == LIVE and stream_id not in self.unrecorded:
+            # Recorded live, yet not live here: its creation (or resumption) committed the
+            # record and has not registered the stream yet. It holds the id's lock until
+            # it has: wait for that, and look again.
+            async with self._locked(stream_id):
+                pass
+            live = self.signal.get(stream_id)
+            if live is not None:
+                return live.reader()
+            record = await self._record(stream_id)
         if record is None:
             raise StreamNotFound(stream_id)
         try:
@@ -517,6 +544,14 @@ class StreamStore:
             raise StorageFailed(f"Loom could not read stream {record.id}: {_describe(e)}.")
         available = data.size()
         if available < record.size:
+            # Deleted or replaced since its record was read (the read ran on another
+            # thread)? Then it is not damaged: it is gone, or another stream now.
+            current = await self._record(stream_id)
+            if current is None or current.storage != record.storage:
+                data.release()
+                if current is None:
+                    raise StreamNotFound(stream_id)
+                return await self.open(stream_id)
             record = self._found_damaged(
                 record, available, f"the data file holds {available} of {record.size} bytes")
         return StreamHandle(record, data, None)

@@ -64,8 +64,9 @@ TWISTED_INTERNALS = {
     "twisted.web.http.Request": (
         # whether the client is gone (read through LoomRequest.gone everywhere else)
         "_disconnected",
-        # undocumented: chunked response, body bytes sent
-        "chunked", "sentLength",
+        # undocumented: chunked response, body bytes sent, whether the head went out (the
+        # last two are also read by loom.web.ingest, responses and site)
+        "chunked", "sentLength", "startedWriting",
     ),
     "twisted.internet.tcp.Server": (
         # the direct send: the socket, and whether Twisted buffers anything for it
@@ -86,8 +87,9 @@ _MAX_LENGTH_DIGITS = 19
 # The longest request target (path and query) accepted: room for any id and a
 # query of filters, and a bound on the work a query string can ask for.
 MAX_TARGET_BYTES = 8192
-# The most handed at once to a transport that is not written directly (TLS):
-# a stalled reader's transport holds its buffer size and at most this more.
+# The most handed at once to a transport that is not written directly (TLS, or
+# directSend off): a stalled reader's transport holds its buffer size and at most
+# this more.
 SLICE = 16 * 1024
 
 
@@ -498,7 +500,8 @@ class LoomChannel(http.HTTPChannel):
         when Twisted holds nothing else for it; that also saves a reactor turn
         of latency for a reader that keeps up. Other transports (TLS) are
         handed slices until they pause the producer, which they do once their
-        own buffer holds more than its size (64 KiB): a bounded fallback.
+        own buffer holds more than its size (64 KiB): a bounded fallback, also
+        taken for every transport when ``directSend`` is off.
         """
         transport = self.transport
         # Only a plain TCP connection: a TLS wrapper forwards attribute lookups
@@ -602,7 +605,8 @@ class LoomRequest(server.Request):
 
     @property
     def gone(self) -> bool:
-        """Whether the client is gone (or was answered and cut off): write nothing more."""
+        """Whether the client is gone (or its head was refused and the connection is
+        closing): write nothing more."""
         return self._disconnected
 
     def gotLength(self, length):
@@ -626,11 +630,6 @@ class LoomRequest(server.Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_sink is not None:
             self.body_sink.body_data([data])
-
-    def body_data(self, parts: list) -> None:
-        """Body bytes of one network read (memoryviews into it), for the body sink."""
-        if self.body_sink is not None:
-            self.body_sink.body_data(parts)
 
     def requestReceived(self, command, path, version):
         """The body ended. For a request already dispatched that is all it means."""

@@ -9,7 +9,8 @@ has ended and which bytes follow it (the next request's).
 from __future__ import annotations
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")
-_MAX_SIZE_LINE = 1024
+_MAX_SIZE_LINE = 1023  # characters before the CRLF, as twisted.web allows
+_MAX_TRAILER = 65536  # bytes of the whole trailer section, as twisted.web allows
 # What a chunk extension may hold (RFC 9112 section 7.1.1: tokens, quoted strings, and
 # the obs-text bytes), as twisted.web accepts it.
 _EXTENSION_CHARS = (
@@ -46,6 +47,7 @@ class BodyDecoder:
         self._chunked = length is None
         self._state = "size" if self._chunked else "data"
         self._held = b""  # bytes not decoded yet: an unfinished line, or a backlog
+        self._trailer_size = 0  # bytes of the trailer section so far
         self._on_data = on_data
         self._on_end = on_end
         self._on_backlog = on_backlog
@@ -113,9 +115,9 @@ class BodyDecoder:
                     self._held = data[position:]
                     self._backlog = True
                     return parts, None
-                line_end = data.find(b"\r\n", position, position + _MAX_SIZE_LINE)
+                line_end = data.find(b"\r\n", position, position + _MAX_SIZE_LINE + 2)
                 if line_end < 0:
-                    if end - position >= _MAX_SIZE_LINE:
+                    if end - position > _MAX_SIZE_LINE + 1:
                         return parts, "Chunk size line too long"
                     self._held = data[position:]
                     return parts, None
@@ -131,11 +133,14 @@ class BodyDecoder:
             elif state == "trailer":
                 line_end = data.find(b"\r\n", position)
                 if line_end < 0:
-                    if end - position > 65536:
+                    if self._trailer_size + end - position > _MAX_TRAILER:
                         return parts, "Trailer too long"
                     self._held = data[position:]
                     return parts, None
                 empty = line_end == position
+                self._trailer_size += line_end + 2 - position
+                if self._trailer_size > _MAX_TRAILER:
+                    return parts, "Trailer too long"
                 position = line_end + 2
                 if empty:
                     self._state = "done"

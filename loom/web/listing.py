@@ -118,7 +118,7 @@ def describe(record: StreamRecord) -> str:
     reason = f', "reason": {_string(record.reason)}' if record.reason else ""
     metadata = record.metadata
     if not metadata.isascii():  # (not written by this Loom: made canonical here)
-        metadata = _string(json.loads(metadata))
+        metadata = json.dumps(json.loads(metadata), separators=(",", ":"))
     return (f'{{"id": {_string(record.id)}, "state": "{record.state}", "size": {record.size}, '
             f'"created": {_time(record.created_ms)}, "finished": {_time(record.finished_ms)}, '
             f'"metadata": {metadata}{reason}}}')

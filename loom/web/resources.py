@@ -12,6 +12,7 @@ loom.follow, loom.spy).
 from __future__ import annotations
 
 import collections
+import json
 import re
 from typing import Awaitable, Callable
 
@@ -328,7 +329,10 @@ class StreamResource(JsonResource):
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.setHeader(b"Accept-Ranges", b"bytes")
         request.setHeader(b"X-Stream-Id", stream_id.encode("ascii"))
-        request.setHeader(b"X-Stream-Metadata", handle.metadata_json.encode("ascii"))
+        metadata = handle.metadata_json
+        if not metadata.isascii():  # stored by another writer: escape it as this Loom would
+            metadata = json.dumps(json.loads(metadata), separators=(",", ":"))
+        request.setHeader(b"X-Stream-Metadata", metadata.encode("ascii"))
         request.setHeader(b"X-Stream-State", handle.state.encode("ascii"))
         request.setHeader(b"X-Stream-Size", b"%d" % handle.size)
         if handle.record.reason and handle.live is None:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
@@ -117,6 +117,37 @@ async def test_force_replaces_a_live_stream_and_cuts_it(stores):
     with pytest.raises(StreamCut):
         await old.complete()
     assert await read_all(store, "s1") == (b"new", "complete")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replacing_stream_is_live_while_the_old_bytes_are_removed(inline_stores):
+    """A reader that comes while a forced replace is still removing the old stream's bytes
+    finds the new stream live, not a live record without a stream."""
+    runners = ManualRunners(hold=("io",))
+    store = inline_stores.make(runners)
+    creating = Deferred.fromCoroutine(store.create("s1", "{}"))
+    runners.run_all()
+    old = await creating
+    await append_now(old, runners, b"old")
+    ending = Deferred.fromCoroutine(old.complete())
+    runners.run_all()
+    await ending
+    replacing = Deferred.fromCoroutine(store.create("s1", "{}", force=True))
+    runners.run_next()  # the new stream's bytes exist, its record replaced the old one
+    assert runners.pending and not replacing.called  # the old bytes are being removed
+    handle = await store.open("s1")
+    assert handle.live is not None and handle.state == "live"
+    handle.close()
+    runners.run_all()
+    new = await replacing
+    assert new.replaced and handle.live is new
+
+
+async def append_now(stream, runners, data: bytes) -> None:
+    pending = stream.append(data)
+    runners.run_all()
+    if pending is not None:
+        await pending
 
 
 @pytest_twisted.ensureDeferred
@@ -595,6 +626,33 @@ async def test_a_stopping_store_ends_the_retention_sweep_between_batches(stores,
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_resumed_while_the_sweep_runs_is_not_deleted(stores):
+    """Retention finds an old aborted stream, then its producer resumes it before the
+    sweep deletes: the stream, live again, keeps its bytes and takes more."""
+    store = stores.make()
+    old = await store.create("s1", "{}")
+    await append(old, b"kept ")
+    await old.abort()
+    stores.clock.advance(3600 * 24 * 2)
+    store.retention = 86400
+    expired = store.catalog.expired
+    resumed = []
+
+    async def found_then_resumed(*args):
+        found = await expired(*args)
+        resumed.append(await store.resume("s1", 5))  # between the query and the delete
+        return found
+
+    store.catalog.expired = found_then_resumed
+    await store.housekeeping.sweep()
+    store.catalog.expired = expired
+    assert resumed and resumed[0].outcome is None
+    await append(resumed[0], b"and more")
+    await resumed[0].complete()
+    assert await read_all(store, "s1") == (b"kept and more", "complete")
+
+
+@pytest_twisted.ensureDeferred
 async def test_listing_filters_and_pages_stably(stores):
     """Listing: filters by state, time and metadata; newest first; cursors unaffected by
     inserts; live streams at their live size."""
@@ -620,6 +678,81 @@ async def test_listing_filters_and_pages_stably(stores):
     window = await store.list_streams(since_ms=created["s2"], until_ms=created["s3"] + 1)
     assert [r.id for r in window] == ["s3", "s2"]
     assert await store.stream_count() == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_append_the_log_refuses_aborts_the_stream():
+    """A log that takes an append and then refuses it (a networked log that lost it): the
+    producer's wait fails, nothing more is taken, and the stream ends aborted with what was
+    committed, instead of staying live forever."""
+    store = MemoryStore(Clock(), commits="manual")
+    store.start()
+    stream = await store.create("s1", "{}")
+    stream.append(b"kept ")
+    store.log.commit()
+    waiting = stream.append(b"lost")
+    ending = Deferred.fromCoroutine(stream.complete())
+    store.log.refuse(ConnectionError("the log went away"))
+    with pytest.raises(ConnectionError):
+        await waiting
+    with pytest.raises(StorageFailed):
+        await ending
+    with pytest.raises(StreamCut):
+        stream.append(b"more")
+    assert stream.outcome == "aborted"
+    assert (await store.open("s1")).record.reason == "storing the data failed"
+    assert await read_all(store, "s1") == (b"kept ", "aborted")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_delete_the_catalog_refuses_leaves_an_aborted_stream_not_a_live_one(stores):
+    """DELETE cuts the producer, then the catalog fails to delete: the stream is served as
+    aborted with its bytes (not live with no producer), and that end is recorded later."""
+    store = stores.make()
+    stream = await store.create("s1", "{}")
+    await append(stream, b"still here")
+    delete = store.catalog.delete
+    store.catalog.delete = lambda *args: fail(CatalogError("disk I/O error"))
+    with pytest.raises(StorageFailed):
+        await store.delete("s1")
+    store.catalog.delete = delete
+    assert stream.outcome == "deleted"
+    assert await read_all(store, "s1") == (b"still here", "aborted")
+    await store.housekeeping.retry_unrecorded()
+    assert store.unrecorded == {}
+    handle = await store.open("s1")
+    assert (handle.state, handle.record.reason) == (
+        "aborted", "the catalog could not delete the stream")
+    handle.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_deleted_while_its_end_is_being_recorded_stays_deleted(stores):
+    """The producer ends, and while the catalog records that, the stream is deleted; then
+    recording the end fails: the stream stays deleted (its file let go of once), and no
+    end is kept to be recorded later."""
+    store = stores.make()
+    stream = await store.create("s1", "{}")
+    await append(stream, b"data")
+    finishing, asked = Deferred(), Deferred()
+    finish = store.catalog.finish
+
+    def held(*args):
+        store.catalog.finish = finish
+        asked.callback(None)
+        return finishing
+
+    store.catalog.finish = held
+    ending = Deferred.fromCoroutine(stream.complete())
+    await asked  # the catalog is recording the end
+    await store.delete("s1")
+    assert stream.outcome == "deleted"
+    finishing.errback(CatalogError("disk I/O error"))
+    with pytest.raises(StorageFailed):
+        await ending
+    assert stream.outcome == "deleted" and store.unrecorded == {}
+    with pytest.raises(StreamNotFound):
+        await store.open("s1")
 
 
 @pytest_twisted.ensureDeferred

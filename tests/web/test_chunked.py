@@ -148,6 +148,25 @@ def test_an_endless_trailer_is_refused():
     assert decoded[2]
 
 
+@pytest.mark.parametrize("body", [
+    b"0\r\nX: " + b"a" * 70000 + b"\r\n\r\n",  # one long line, in one read
+    b"0\r\n" + b"a: b\r\n" * 20000 + b"\r\n",  # many short lines
+    b"0\r\n" + b"a: b\r\n" * 10000 + b"\r\n",  # 60 KiB: allowed
+], ids=["long line", "many lines", "within the limit"])
+def test_the_trailer_section_is_limited_as_twisted_limits_it(body):
+    assert loom_decode([body])[0][2] == twisted_decode([body])[2]
+    cut = len(body) // 2
+    assert loom_decode([body[:cut], body[cut:]])[0][2] == twisted_decode([body])[2]
+
+
+@pytest.mark.parametrize("digits", [1022, 1023, 1024, 1025])
+def test_a_size_line_of_up_to_1023_characters_is_accepted_as_twisted_accepts_it(digits):
+    body = b"0" * (digits - 1) + b"5\r\nhello\r\n0\r\n\r\n"
+    for cut in (0, digits - 1, digits, digits + 1):
+        reads = [body[:cut], body[cut:]]
+        assert loom_decode(reads)[0] == twisted_decode(reads), f"cut at {cut}"
+
+
 def test_content_length_bodies_end_at_their_length_wherever_cut():
     body = b"0123456789" * 10
     data = body + NEXT_REQUEST

@@ -160,3 +160,18 @@ def test_a_reader_whose_writes_raise_is_dropped_alone(fake, failures, target):
     assert b"s1 | live\n" in spied and b"s1 | more\n" in spied
     _, transport = fake_get(fake)
     assert parse_response(transport.value())[1]["x-stream-state"] == "complete"
+
+
+def test_a_spy_client_that_raises_on_a_new_stream_is_dropped_alone(fake, failures):
+    """A /spy client that raises while being told a stream started is logged and dropped,
+    not left connected and deaf; the new stream and the other spy clients go on."""
+    _, broken = fake_get(fake, b"/spy", transport=BreakingTransport())
+    _, spy = fake_get(fake, b"/spy")
+    broken.broken = True
+    producer, producer_transport = fake_produce(fake, data=b"first line\n", end=False)
+    assert cut_off(broken)
+    assert len(failures) == 1
+    assert fake.store.observer_count == 1  # the other spy client only
+    producer.dataReceived(b"0\r\n\r\n")
+    assert producer_transport.value().endswith(b"0\r\n\r\n")
+    assert b"s1 | first line\n" in dechunk(parse_response(spy.value())[2])[0]
