@@ -20,7 +20,7 @@ from loom.model import (
 )
 from loom.store.disk import DataDirectory, DiskStore
 from loom.store.files import DataFile, FileLog, PartialWrite
-from loom.store.interfaces import IByteLog, ICatalog, ILiveSignal, IStreamStore
+from loom.store.interfaces import IByteLog, ICatalog, ILiveSignal, IStreamData, IStreamStore
 from loom.store.live import LiveStream, StreamListener
 from loom.store.memory import MemoryCatalog, MemoryFile, MemoryLog, MemoryStore
 from loom.store.signal import LocalSignal
@@ -31,8 +31,8 @@ from loom.store.threads import InlineRunners, Runners, ThreadRunners
 __all__ = [
     "ABORTED", "COMPLETE", "DAMAGED", "DELETED", "ENDING_WAIT", "INTERRUPTED", "REPLACED",
     "TAKEN_OVER", "TAKEOVER_QUIET", "DataDirectory", "DataFile", "DiskStore", "FileLog",
-    "IByteLog", "ICatalog", "ILiveSignal", "IStreamStore", "InlineRunners", "LiveStream",
-    "LocalSignal", "MemoryCatalog", "MemoryFile", "MemoryLog", "MemoryStore", "PartialWrite",
-    "Runners", "SQLiteCatalog", "StreamHandle", "StreamListener", "StreamRecord",
+    "IByteLog", "ICatalog", "ILiveSignal", "IStreamData", "IStreamStore", "InlineRunners",
+    "LiveStream", "LocalSignal", "MemoryCatalog", "MemoryFile", "MemoryLog", "MemoryStore",
+    "PartialWrite", "Runners", "SQLiteCatalog", "StreamHandle", "StreamListener", "StreamRecord",
     "StreamStore", "ThreadRunners", "new_storage_name", "stream_id_of_storage",
 ]

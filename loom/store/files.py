@@ -13,7 +13,7 @@ from loom.buffers import after
 from loom.errors import Unavailable
 from loom.store.datadir import describe_size, stream_file
 from loom.store.faults import FileSystem
-from loom.store.interfaces import IByteLog
+from loom.store.interfaces import IByteLog, IStreamData
 
 log = Logger()
 
@@ -29,6 +29,7 @@ class PartialWrite(OSError):
 # --- data files -------------------------------------------------------------
 
 
+@implementer(IStreamData)
 class DataFile:
     """An append-only data file shared by a stream's writer and its readers.
 

@@ -68,6 +68,26 @@ class ICatalog(Interface):
         """Everything was recorded: the next start need not compare files with records."""
 
 
+class IStreamData(Interface):
+    """One stream's bytes as a byte log hands them out (``create``, ``reopen``, ``open``):
+    shared by the writer and its readers, and let go of by each exactly once."""
+
+    def acquire():
+        """Another reference to the same bytes (itself); release each one."""
+
+    def release():
+        """Let go of one reference; the last one closes it."""
+
+    def read(offset, size):
+        """Up to ``size`` bytes from ``offset`` (synchronous: a local file)."""
+
+    def size():
+        """How many bytes there are now."""
+
+    def thd_sync():
+        """Put the bytes on stable storage (blocks: run it in the I/O pool)."""
+
+
 class IByteLog(Interface):
     """The bytes of every stream, by storage name: appended at an offset, read by range."""
 

@@ -14,6 +14,8 @@ wake followers, and let its producer go on, only once an append is committed.
 
 from __future__ import annotations
 
+import errno
+
 from dataclasses import replace
 
 from twisted.internet.defer import Deferred
@@ -22,33 +24,48 @@ from zope.interface import implementer
 from loom.errors import StreamExists
 from loom.model import INTERRUPTED, INTERRUPTED_REASON, LIVE, StreamRecord, meta_rows
 from loom.store.files import MISSING
-from loom.store.interfaces import IByteLog, ICatalog
+from loom.store.interfaces import IByteLog, ICatalog, IStreamData
 from loom.store.streams import StreamStore
 from loom.store.threads import InlineRunners, Runners
 
 COMMITS = ("now", "later", "manual")
 
 
+@implementer(IStreamData)
 class MemoryFile:
-    """A stream's bytes in memory, read and written like a DataFile."""
+    """A stream's bytes in memory, read and written like a DataFile: counted references
+    included, so that the contract suite catches a release too many (which would close a
+    real file under its readers) as surely as a use after the last release."""
 
     def __init__(self, data: bytearray):
         self._data = data
+        self._refs = 1
 
     def acquire(self) -> MemoryFile:
+        self._check_open()
+        self._refs += 1
         return self
 
     def release(self) -> None:
-        pass
+        if self._refs == 0:
+            raise RuntimeError("a stream's file was released more often than acquired")
+        self._refs -= 1
+
+    def _check_open(self) -> None:
+        if self._refs == 0:
+            raise OSError(errno.EBADF, "the stream's file was used after its last release")
 
     def write(self, parts: list) -> None:
+        self._check_open()
         for part in parts:
             self._data += part
 
     def read(self, offset: int, size: int) -> bytes:
+        self._check_open()
         return bytes(self._data[offset : offset + size])
 
     def size(self) -> int:
+        self._check_open()
         return len(self._data)
 
     def thd_sync(self) -> None:

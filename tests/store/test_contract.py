@@ -45,15 +45,20 @@ class Listener:
         self.ended.append(stream.outcome)
 
 
-def test_every_store_provides_the_interface(stores):
-    """Each store provides IStreamStore, and its parts their roles."""
-    from loom.store import IByteLog, ICatalog, ILiveSignal
+@pytest_twisted.ensureDeferred
+async def test_every_store_provides_the_interface(stores):
+    """Each store provides IStreamStore, its parts their roles, and its log's files
+    IStreamData."""
+    from loom.store import IByteLog, ICatalog, ILiveSignal, IStreamData
 
     store = stores.make()
     assert verifyObject(IStreamStore, store)
     assert verifyObject(ICatalog, store.catalog)
     assert verifyObject(IByteLog, store.log)
     assert verifyObject(ILiveSignal, store.signal)
+    stream = await store.create("s1", "{}")
+    assert verifyObject(IStreamData, stream.file)
+    await stream.complete()
 
 
 @pytest_twisted.ensureDeferred
