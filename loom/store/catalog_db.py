@@ -14,7 +14,7 @@ commits that no restart ever sees. A write that keeps the books (how a stream
 ended, a deletion, start-up marks) may ask ``make_room`` for space once when
 it fails, and is tried again if room was made (see loom.store.datadir.SpaceReserve).
 
-A little over 500 lines: the schema, its migrations and every query on it
+About 530 lines: the schema, its migrations and every query on it
 belong together, so that a change to one is checked against the others.
 """
 

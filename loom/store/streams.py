@@ -13,7 +13,7 @@ remembering the ends the catalog could not take yet (a full disk) to serve
 and retry them. Which backend plays each role is the caller's choice: see
 DiskStore (loom.store.disk) and MemoryStore (loom.store.memory).
 
-This module is longer than most (about 590 lines): every operation that spans
+This module is longer than most (about 620 lines): every operation that spans
 the roles, and the order of its steps that durability depends on, is here in
 one place, under the one per-stream lock; the roles themselves, housekeeping
 and the live stream are in modules of their own.
